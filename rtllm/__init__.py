@@ -1,0 +1,28 @@
+"""rtllm: an LLM inference engine in Python, with TensorRT-LLM's API."""
+
+from rtllm.llmapi import (
+    LLM,
+    CapacitySchedulerPolicy,
+    CompletionOutput,
+    KvCacheConfig,
+    LlmArgs,
+    RequestError,
+    RequestOutput,
+    SchedulerConfig,
+)
+from rtllm.sampling_params import SamplingParams
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LLM",
+    "CapacitySchedulerPolicy",
+    "CompletionOutput",
+    "KvCacheConfig",
+    "LlmArgs",
+    "RequestError",
+    "RequestOutput",
+    "SamplingParams",
+    "SchedulerConfig",
+    "__version__",
+]

@@ -1,0 +1,146 @@
+"""The ``rtllm`` command line: ``rtllm generate`` (more subcommands to come)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from collections.abc import Sequence
+
+from rtllm.sampling_params import SamplingParams
+
+
+def _add_engine_args(parser: argparse.ArgumentParser) -> None:
+    from rtllm.llmapi.llm_args import KvCacheConfig, LlmArgs
+
+    defaults = LlmArgs()
+    kv = KvCacheConfig()
+    group = parser.add_argument_group("engine")
+    group.add_argument("--model", default=None, help="Hugging Face model directory or .gguf file "
+                       "(default: the embedded SmolLM2-135M-Instruct)")
+    group.add_argument("--tokenizer", default=None, help="tokenizer source, if not the model's")
+    group.add_argument("--dtype", default=defaults.dtype,
+                       help="auto, float32, float16 or bfloat16 (auto: float32 on CPU, checkpoint dtype on GPU)")
+    group.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    group.add_argument("--max-batch-size", type=int, default=defaults.max_batch_size,
+                       help="most requests in one engine step")
+    group.add_argument("--max-num-tokens", type=int, default=defaults.max_num_tokens,
+                       help="most tokens in one engine step")
+    group.add_argument("--max-seq-len", type=int, default=None, help="longest prompt + output (default: the model's)")
+    group.add_argument("--tokens-per-block", type=int, default=kv.tokens_per_block, help="tokens per KV block")
+    group.add_argument("--kv-cache-max-tokens", type=int, default=None, help="KV pool size in tokens")
+    group.add_argument("--kv-cache-free-gpu-memory-fraction", type=float, default=kv.free_gpu_memory_fraction,
+                       help="fraction of free GPU memory for the KV pool")
+    group.add_argument("--enable-chunked-prefill", action="store_true",
+                       help="split long prompts across steps")
+    group.add_argument("--load-format", default="auto", choices=["auto", "dummy"],
+                       help="dummy: random weights (benchmarking a shape)")
+
+
+def _build_llm(args: argparse.Namespace):  # noqa: ANN202 - LLM imported lazily (heavy)
+    from rtllm import LLM, KvCacheConfig
+
+    return LLM(
+        model=args.model,
+        tokenizer=args.tokenizer,
+        dtype=args.dtype,
+        device=args.device,
+        max_batch_size=args.max_batch_size,
+        max_num_tokens=args.max_num_tokens,
+        max_seq_len=args.max_seq_len,
+        enable_chunked_prefill=args.enable_chunked_prefill,
+        load_format=args.load_format,
+        kv_cache_config=KvCacheConfig(
+            tokens_per_block=args.tokens_per_block,
+            max_tokens=args.kv_cache_max_tokens,
+            free_gpu_memory_fraction=args.kv_cache_free_gpu_memory_fraction,
+        ),
+    )
+
+
+def _generate(args: argparse.Namespace) -> int:
+    params = SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        stop=args.stop or None,
+        ignore_eos=args.ignore_eos,
+    )
+    start = time.perf_counter()
+    llm = _build_llm(args)
+    load_s = time.perf_counter() - start
+    prompts = list(args.prompts)
+    if args.chat:
+        if llm.tokenizer is None or not getattr(llm.tokenizer, "chat_template", None):
+            raise SystemExit("error: --chat needs a tokenizer with a chat template")
+        prompts = [
+            llm.tokenizer.apply_chat_template(
+                [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
+            )
+            for p in prompts
+        ]
+    try:
+        if args.stream and len(prompts) == 1:
+            result = llm.generate_async(prompts[0], params, streaming=True)
+            print(args.prompts[0], end="", flush=True)
+            for out in result:
+                print(out.outputs[0].text_diff, end="", flush=True)
+            print()
+            outputs = [result]
+        else:
+            outputs = llm.generate(prompts, params)
+            outputs = outputs if isinstance(outputs, list) else [outputs]
+            for prompt, out in zip(args.prompts, outputs, strict=True):
+                print(f"{prompt}{out.outputs[0].text}")
+        if args.verbose:
+            for out in outputs:
+                print(f"[finish_reason={out.outputs[0].finish_reason} tokens={len(out.outputs[0].token_ids)}]",
+                      file=sys.stderr)
+            print(f"[load {load_s:.2f} s]", file=sys.stderr)
+    finally:
+        llm.shutdown()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``rtllm`` command."""
+    parser = argparse.ArgumentParser(prog="rtllm", description="rtllm: LLM inference engine")
+    parser.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING or ERROR")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="generate text for one or more prompts",
+                         description="Generate continuations of PROMPTs (greedy unless sampling options are given).")
+    gen.add_argument("prompts", nargs="+", metavar="PROMPT", help="prompt text(s)")
+    _add_engine_args(gen)
+    sampling = gen.add_argument_group("sampling")
+    sampling.add_argument("--max-tokens", type=int, default=64, help="tokens to generate per prompt")
+    sampling.add_argument("--temperature", type=float, default=None, help="sampling temperature (0: greedy)")
+    sampling.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
+    sampling.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1]")
+    sampling.add_argument("--seed", type=int, default=None, help="per-request seed for reproducible sampling")
+    sampling.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    sampling.add_argument("--ignore-eos", action="store_true", help="keep generating past EOS")
+    gen.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template")
+    gen.add_argument("--stream", action="store_true", help="print tokens as they are generated (one prompt)")
+    gen.add_argument("-v", "--verbose", action="store_true", help="print finish reasons and load time to stderr")
+    gen.set_defaults(func=_generate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``rtllm`` command."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, NotImplementedError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,97 @@
+"""The engine's view of one request: tokens, progress and lifecycle state."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class RequestState(enum.Enum):
+    """Lifecycle: WAITING -> RUNNING -> FINISHED (from any state on abort or error)."""
+
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class FinishReason(enum.StrEnum):
+    """Why a request stopped generating (OpenAI's values, plus cancelled/error)."""
+
+    STOP = "stop"
+    LENGTH = "length"
+    CANCELLED = "cancelled"
+    ERROR = "error"
+
+
+@dataclass(slots=True)
+class SamplingConfig:
+    """The per-request sampling knobs the engine uses, resolved from SamplingParams."""
+
+    max_tokens: int
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    greedy: bool = True
+    seed: int | None = None
+    end_ids: frozenset[int] = frozenset()
+    stop_token_ids: frozenset[int] = frozenset()
+    ignore_eos: bool = False
+
+
+@dataclass(slots=True, eq=False)
+class LlmRequest:
+    """One request inside the engine.
+
+    Invariant: tokens ``[0, num_computed_tokens)`` of ``all_token_ids`` have KV in
+    the cache; each step the scheduler moves ``num_computed_tokens`` towards
+    ``num_tokens``. Context (prefill), chunked context and generation are the same
+    catch-up: a request generates once its whole prompt is computed.
+    """
+
+    request_id: int
+    prompt_token_ids: list[int]
+    sampling: SamplingConfig
+    max_seq_len: int
+    output_token_ids: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0
+    state: RequestState = RequestState.WAITING
+    finish_reason: FinishReason | None = None
+    error: str | None = None
+    arrival_time: float = field(default_factory=time.monotonic)
+    generator: Any = None  # torch.Generator of a seeded request, made by the sampler
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def max_total_tokens(self) -> int:
+        """Tokens this request can hold at most when it finishes."""
+        return min(self.num_prompt_tokens + self.sampling.max_tokens, self.max_seq_len)
+
+    @property
+    def is_finished(self) -> bool:
+        return self.state is RequestState.FINISHED
+
+    def token_at(self, index: int) -> int:
+        n = len(self.prompt_token_ids)
+        return self.prompt_token_ids[index] if index < n else self.output_token_ids[index - n]
+
+    def tokens_slice(self, start: int, end: int) -> list[int]:
+        n = len(self.prompt_token_ids)
+        if end <= n:
+            return self.prompt_token_ids[start:end]
+        if start >= n:
+            return self.output_token_ids[start - n : end - n]
+        return self.prompt_token_ids[start:] + self.output_token_ids[: end - n]
+
+    def finish(self, reason: FinishReason, error: str | None = None) -> None:
+        self.state = RequestState.FINISHED
+        self.finish_reason = reason
+        self.error = error

@@ -1,0 +1,71 @@
+"""Batched sampling: logits of the step's sampled rows -> next token ids.
+
+Greedy rows take an argmax. The other rows get temperature, top-k and top-p as
+whole-batch tensor operations, then one draw each by the exponential race
+(``argmax(p / q)`` with ``q ~ Exp(1)``, which samples from ``p``). A request
+with a ``seed`` draws its noise from its own generator, so its tokens do not
+depend on what else shares the batch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rtllm.engine.llm_request import LlmRequest
+
+
+class Sampler:
+    """Samples one token per row of a logits matrix."""
+
+    def __init__(self, device: torch.device, seed: int = 0) -> None:
+        self.device = device
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+
+    def sample(self, logits: torch.Tensor, requests: list[LlmRequest]) -> list[int]:
+        """Sample a token for each row of ``logits`` ``[len(requests), vocab]``."""
+        greedy = [r.sampling.greedy for r in requests]
+        if all(greedy):
+            return logits.argmax(dim=-1).tolist()
+        logits = logits.float()
+        token_ids = logits.argmax(dim=-1)
+        rows = [i for i, g in enumerate(greedy) if not g]
+        index = torch.tensor(rows, device=logits.device)
+        sampled = self._sample_rows(logits.index_select(0, index), [requests[i] for i in rows])
+        token_ids.index_copy_(0, index, sampled)
+        return token_ids.tolist()
+
+    def _sample_rows(self, logits: torch.Tensor, requests: list[LlmRequest]) -> torch.Tensor:
+        probs = self.filtered_probs(logits, requests)
+        noise = torch.empty_like(probs)
+        for i, request in enumerate(requests):
+            noise[i].exponential_(generator=self._generator_for(request))
+        return (probs / noise).argmax(dim=-1)
+
+    def _generator_for(self, request: LlmRequest) -> torch.Generator:
+        if request.sampling.seed is None:
+            return self.generator
+        if request.generator is None:
+            request.generator = torch.Generator(device=self.device).manual_seed(request.sampling.seed)
+        return request.generator
+
+    @staticmethod
+    def filtered_probs(logits: torch.Tensor, requests: list[LlmRequest]) -> torch.Tensor:
+        """Probabilities after temperature, top-k and top-p (zero outside the allowed set)."""
+        device = logits.device
+        temperature = torch.tensor([r.sampling.temperature for r in requests], device=device)
+        logits = logits / temperature.clamp(min=1e-6).unsqueeze(1)
+        vocab = logits.shape[-1]
+        top_k = [r.sampling.top_k if 0 < r.sampling.top_k < vocab else vocab for r in requests]
+        top_p = [r.sampling.top_p for r in requests]
+        if min(top_k) < vocab or min(top_p) < 1.0:
+            sorted_logits, order = logits.sort(dim=-1, descending=True)
+            ranks = torch.arange(vocab, device=device).unsqueeze(0)
+            drop = ranks >= torch.tensor(top_k, device=device).unsqueeze(1)
+            if min(top_p) < 1.0:
+                sorted_probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(dim=-1)
+                mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+                # Keep the smallest prefix whose mass reaches top_p (always >= 1 token).
+                drop |= mass_before >= torch.tensor(top_p, device=device).unsqueeze(1)
+            sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+            logits = torch.empty_like(logits).scatter_(1, order, sorted_logits)
+        return logits.softmax(dim=-1)

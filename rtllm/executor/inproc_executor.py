@@ -1,0 +1,150 @@
+"""Executor running the engine loop on a background thread of this process."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+from typing import Any
+
+import torch
+
+from rtllm.engine.engine import Engine, RequestUpdate
+from rtllm.engine.llm_request import FinishReason, LlmRequest
+from rtllm.executor.executor import GenerationExecutor
+from rtllm.executor.output_processor import OutputProcessor
+from rtllm.executor.request import GenerationRequest, to_sampling_config
+from rtllm.executor.result import GenerationResult, Response
+
+logger = logging.getLogger(__name__)
+
+_SHUTDOWN = object()
+
+
+class InProcessExecutor(GenerationExecutor):
+    """Runs :class:`Engine` steps on a daemon thread; requests and aborts arrive
+    through an inbox, responses leave through each result's queue."""
+
+    def __init__(self, engine: Engine, tokenizer: Any | None, default_end_ids: tuple[int, ...]) -> None:
+        self.engine = engine
+        self.default_end_ids = default_end_ids
+        self._outputs = OutputProcessor(tokenizer)
+        self._inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._results: dict[int, GenerationResult] = {}
+        self._ids = itertools.count()
+        self._closed = False
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run_loop, name="rtllm-engine", daemon=True)
+        self._thread.start()
+
+    # ---- caller side -------------------------------------------------------------------
+    def submit(self, request: GenerationRequest) -> GenerationResult:
+        self.engine.validate(request.prompt_token_ids, request.sampling_params.max_tokens)
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the executor has been shut down")
+            request.request_id = next(self._ids)
+            result = GenerationResult(request.request_id, request.prompt, request.prompt_token_ids, self.abort)
+            self._inbox.put(("submit", request, result))
+        return result
+
+    def abort(self, request_id: int) -> None:
+        self._inbox.put(("abort", request_id))
+
+    def shutdown(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._inbox.put(_SHUTDOWN)
+        if threading.current_thread() is not self._thread:
+            self._thread.join()
+
+    @property
+    def is_alive(self) -> bool:
+        return self._thread.is_alive()
+
+    # ---- engine thread -----------------------------------------------------------------
+    def _run_loop(self) -> None:
+        torch.set_grad_enabled(False)
+        try:
+            while self._drain_inbox(block=not self.engine.has_work):
+                if not self.engine.has_work:
+                    continue
+                try:
+                    updates = self.engine.step()
+                except Exception as exc:  # noqa: BLE001 - a broken step must not kill the loop
+                    logger.exception("engine step failed; failing its running requests")
+                    updates = self._fail_all(f"{type(exc).__name__}: {exc}")
+                self._dispatch(updates)
+        finally:
+            self.engine.shutdown()
+            for request_id, result in list(self._results.items()):
+                result._push(Response([], finished=True, finish_reason=FinishReason.CANCELLED.value))
+                self._results.pop(request_id, None)
+            # Requests submitted after the loop stopped reading the inbox.
+            while True:
+                try:
+                    item = self._inbox.get_nowait()
+                except queue.Empty:
+                    break
+                if isinstance(item, tuple) and item[0] == "submit":
+                    item[2]._push(Response([], finished=True, finish_reason=FinishReason.CANCELLED.value))
+
+    def _drain_inbox(self, block: bool) -> bool:
+        """Take in new requests and aborts; returns False on shutdown."""
+        while True:
+            try:
+                item = self._inbox.get(block=block)
+            except queue.Empty:
+                return True
+            block = False
+            if item is _SHUTDOWN:
+                return False
+            if item[0] == "submit":
+                self._add(item[1], item[2])
+            else:
+                self._abort(item[1])
+
+    def _add(self, request: GenerationRequest, result: GenerationResult) -> None:
+        try:
+            sampling = to_sampling_config(request.sampling_params, self.default_end_ids)
+            limits = self.engine.limits
+            self.engine.add_request(
+                LlmRequest(request.request_id, list(request.prompt_token_ids), sampling, limits.max_seq_len)
+            )
+            self._outputs.add(request)
+            self._results[request.request_id] = result
+        except Exception as exc:  # noqa: BLE001
+            logger.exception("could not add request %d", request.request_id)
+            result._push(Response([], finished=True, finish_reason="error", error=str(exc)))
+
+    def _abort(self, request_id: int) -> None:
+        if self.engine.finish_request(request_id, FinishReason.CANCELLED):
+            self._dispatch([RequestUpdate(request_id, [], True, FinishReason.CANCELLED)])
+
+    def _fail_all(self, message: str) -> list[RequestUpdate]:
+        updates = []
+        for request_id in list(self.engine.requests):
+            self.engine.finish_request(request_id, FinishReason.ERROR, message)
+            updates.append(RequestUpdate(request_id, [], True, FinishReason.ERROR, message))
+        return updates
+
+    def _dispatch(self, updates: list[RequestUpdate]) -> None:
+        for update in updates:
+            result = self._results.get(update.request_id)
+            if result is None:
+                continue
+            try:
+                response, stopped = self._outputs.process(update)
+            except Exception as exc:  # noqa: BLE001 - e.g. a tokenizer failure
+                logger.exception("output processing failed for request %d", update.request_id)
+                self.engine.finish_request(update.request_id, FinishReason.ERROR, str(exc))
+                response, stopped = Response([], finished=True, finish_reason="error", error=str(exc)), False
+            if stopped:
+                self.engine.finish_request(update.request_id, FinishReason.STOP)
+            if response.finished:
+                self._results.pop(update.request_id, None)
+                self._outputs.remove(update.request_id)
+            result._push(response)

@@ -1,0 +1,175 @@
+"""The handle a caller gets for a submitted request: awaitable, iterable, streamable.
+
+The engine thread pushes :class:`Response` deltas into a thread-safe queue; the
+caller's thread applies them one at a time, so ``text_diff``/``token_ids_diff``
+always describe exactly one delta and all state is touched by the caller only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import time
+from collections.abc import AsyncIterator, Callable, Generator, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class RequestError(RuntimeError):
+    """A request failed inside the engine (the engine itself goes on)."""
+
+
+@dataclass(slots=True)
+class Response:
+    """One delta from the engine thread to a result."""
+
+    token_ids: list[int]
+    text: str = ""
+    finished: bool = False
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    error: str | None = None
+
+
+@dataclass(slots=True)
+class CompletionOutput:
+    """One generated sequence of a request.
+
+    Attributes:
+        index: Index of the sequence within the request.
+        text: Generated text so far.
+        token_ids: Generated token ids so far.
+        finish_reason: "stop", "length", "cancelled", "error" or None while running.
+        stop_reason: The stop string or stop token id that ended it, if any.
+        text_diff: Text added by the latest delta (streaming).
+        token_ids_diff: Token ids added by the latest delta (streaming).
+    """
+
+    index: int = 0
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    text_diff: str = ""
+    token_ids_diff: list[int] = field(default_factory=list)
+
+    @property
+    def length(self) -> int:
+        return len(self.token_ids)
+
+
+class GenerationResult:
+    """Result of one request (TensorRT-LLM's ``RequestOutput``).
+
+    Use ``result.result()`` (blocking), ``await result``, ``for out in result`` or
+    ``async for out in result``; iteration yields the result itself after each
+    delta. ``abort()`` cancels the request.
+    """
+
+    def __init__(
+        self,
+        request_id: int,
+        prompt: str | None,
+        prompt_token_ids: list[int],
+        abort_fn: Callable[[int], None],
+    ) -> None:
+        self.request_id = request_id
+        self.prompt = prompt
+        self.prompt_token_ids = prompt_token_ids
+        self.outputs = [CompletionOutput()]
+        self.finished = False
+        self.error: str | None = None
+        self.arrival_time = time.monotonic()
+        self.first_token_time: float | None = None
+        self._abort_fn = abort_fn
+        self._queue: queue.SimpleQueue[Response] = queue.SimpleQueue()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._event: asyncio.Event | None = None
+
+    # ---- producer side (engine thread) -------------------------------------------------
+    def _push(self, response: Response) -> None:
+        self._queue.put(response)
+        loop, event = self._loop, self._event
+        if loop is not None and event is not None:
+            try:
+                loop.call_soon_threadsafe(event.set)
+            except RuntimeError:  # the caller's event loop is closed; nobody is waiting
+                pass
+
+    # ---- consumer side ---------------------------------------------------------------
+    def _apply(self, response: Response) -> None:
+        out = self.outputs[0]
+        out.token_ids_diff = response.token_ids
+        out.text_diff = response.text
+        out.token_ids.extend(response.token_ids)
+        out.text += response.text
+        if response.token_ids and self.first_token_time is None:
+            self.first_token_time = time.monotonic()
+        if response.finished:
+            self.finished = True
+            out.finish_reason = response.finish_reason
+            out.stop_reason = response.stop_reason
+            self.error = response.error
+        if response.error is not None:
+            raise RequestError(f"request {self.request_id} failed: {response.error}")
+
+    def abort(self) -> None:
+        """Cancel the request; it finishes with ``finish_reason == "cancelled"``."""
+        if not self.finished:
+            self._abort_fn(self.request_id)
+
+    def result(self, timeout: float | None = None) -> GenerationResult:
+        """Block until the request finishes; returns ``self``."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self.finished:
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                response = self._queue.get(timeout=remaining)
+            except queue.Empty:
+                raise TimeoutError(f"request {self.request_id} did not finish in {timeout} s") from None
+            self._apply(response)
+        return self
+
+    def __iter__(self) -> Iterator[GenerationResult]:
+        while not self.finished:
+            self._apply(self._queue.get())
+            yield self
+
+    async def _next_response(self) -> Response:
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+            self._event = asyncio.Event()
+        assert self._event is not None
+        while True:
+            try:
+                return self._queue.get_nowait()
+            except queue.Empty:
+                pass
+            self._event.clear()
+            # Re-check after clearing: a push between the first check and the clear
+            # has set the event already, and must not be missed.
+            try:
+                return self._queue.get_nowait()
+            except queue.Empty:
+                await self._event.wait()
+
+    async def aresult(self) -> GenerationResult:
+        """Wait (asynchronously) until the request finishes; returns ``self``."""
+        while not self.finished:
+            self._apply(await self._next_response())
+        return self
+
+    def __await__(self) -> Generator[Any, None, GenerationResult]:
+        return self.aresult().__await__()
+
+    async def __aiter__(self) -> AsyncIterator[GenerationResult]:
+        while not self.finished:
+            self._apply(await self._next_response())
+            yield self
+
+    def __repr__(self) -> str:
+        out = self.outputs[0]
+        return (
+            f"RequestOutput(request_id={self.request_id}, prompt={self.prompt!r}, "
+            f"text={out.text!r}, finish_reason={out.finish_reason!r})"
+        )

@@ -1,0 +1,1 @@
+"""rtllm.layers."""

@@ -1,0 +1,78 @@
+"""The attention backend interface.
+
+KV cache layout (shared by every backend): one tensor per layer of shape
+``[2, num_blocks, tokens_per_block, num_kv_heads, head_dim]``; index 0 holds K,
+index 1 holds V. Token ``i`` of a sequence lives in block
+``block_table[i // tokens_per_block]`` at offset ``i % tokens_per_block``; its
+*slot* is ``block * tokens_per_block + offset``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True, slots=True)
+class AttentionLayerSpec:
+    """Static facts about one attention layer."""
+
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    scale: float
+    sliding_window: int | None = None
+
+
+@dataclass(slots=True)
+class StepAttentionInputs:
+    """Host-side description of one packed step, from which backends build metadata.
+
+    Sequences are packed one after another in the step's token order; sequence
+    ``i`` contributes ``query_lens[i]`` new tokens whose KV goes after
+    ``context_lens[i]`` tokens already in the cache.
+    """
+
+    query_lens: list[int]
+    context_lens: list[int]
+    block_tables: list[list[int]]
+    tokens_per_block: int
+    device: torch.device
+
+    @property
+    def seq_lens(self) -> list[int]:
+        return [c + q for c, q in zip(self.context_lens, self.query_lens, strict=True)]
+
+
+class AttentionBackend(ABC):
+    """Computes paged attention for a packed batch of variable-length sequences."""
+
+    name: str
+
+    @abstractmethod
+    def build_metadata(self, inputs: StepAttentionInputs) -> Any:
+        """Build the device-side metadata for one step (once, shared by all layers)."""
+
+    @abstractmethod
+    def forward(
+        self,
+        spec: AttentionLayerSpec,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kv_cache: torch.Tensor,
+        metadata: Any,
+    ) -> torch.Tensor:
+        """Store ``key``/``value`` into ``kv_cache`` and attend.
+
+        Args:
+            query: ``[num_tokens, num_heads, head_dim]``.
+            key, value: ``[num_tokens, num_kv_heads, head_dim]``.
+            kv_cache: this layer's cache (layout in the module docstring).
+
+        Returns:
+            ``[num_tokens, num_heads, head_dim]``.
+        """

@@ -1,0 +1,174 @@
+"""Configuration of the LLM API, with TensorRT-LLM's names.
+
+Every config is a frozen dataclass validated on construction; errors name the
+field, the value given and what is allowed.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+import torch
+
+
+class CapacitySchedulerPolicy(enum.StrEnum):
+    """How the capacity scheduler admits requests against the KV cache."""
+
+    MAX_UTILIZATION = "MAX_UTILIZATION"
+    GUARANTEED_NO_EVICT = "GUARANTEED_NO_EVICT"
+    STATIC_BATCH = "STATIC_BATCH"
+
+
+def _check_positive_int(name: str, value: object, *, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class KvCacheConfig:
+    """Paged KV cache settings.
+
+    Attributes:
+        tokens_per_block: Tokens held by one KV block (a power of two, 1..1024).
+        max_tokens: Size of the KV pool in tokens; None sizes it from free memory.
+        free_gpu_memory_fraction: Fraction of free GPU memory (after weights and
+            activations) given to the KV pool, in (0, 1].
+        enable_block_reuse: Reuse KV blocks across requests sharing a prefix
+            (not implemented yet; must stay False).
+    """
+
+    tokens_per_block: int = 32
+    max_tokens: int | None = None
+    free_gpu_memory_fraction: float = 0.9
+    enable_block_reuse: bool = False
+
+    def __post_init__(self) -> None:
+        _check_positive_int("tokens_per_block", self.tokens_per_block)
+        if self.tokens_per_block & (self.tokens_per_block - 1) or self.tokens_per_block > 1024:
+            raise ValueError(
+                f"tokens_per_block must be a power of two in [1, 1024], got {self.tokens_per_block}"
+            )
+        _check_positive_int("max_tokens", self.max_tokens, allow_none=True)
+        if not 0.0 < self.free_gpu_memory_fraction <= 1.0:
+            raise ValueError(
+                f"free_gpu_memory_fraction must be in (0, 1], got {self.free_gpu_memory_fraction!r}"
+            )
+        if self.enable_block_reuse:
+            raise NotImplementedError("enable_block_reuse=True (prefix caching) is not implemented yet")
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerConfig:
+    """Scheduling policy.
+
+    Attributes:
+        capacity_scheduler_policy: Admission policy against the KV cache. Only
+            GUARANTEED_NO_EVICT is implemented; the others raise NotImplementedError.
+    """
+
+    capacity_scheduler_policy: CapacitySchedulerPolicy = CapacitySchedulerPolicy.GUARANTEED_NO_EVICT
+
+    def __post_init__(self) -> None:
+        try:
+            policy = CapacitySchedulerPolicy(self.capacity_scheduler_policy)
+        except ValueError:
+            allowed = ", ".join(p.value for p in CapacitySchedulerPolicy)
+            raise ValueError(
+                f"capacity_scheduler_policy must be one of {allowed}, "
+                f"got {self.capacity_scheduler_policy!r}"
+            ) from None
+        object.__setattr__(self, "capacity_scheduler_policy", policy)
+        if policy is not CapacitySchedulerPolicy.GUARANTEED_NO_EVICT:
+            raise NotImplementedError(
+                f"capacity_scheduler_policy={policy.value} is not implemented yet; "
+                "use GUARANTEED_NO_EVICT"
+            )
+
+
+_DTYPES = {
+    "float32": torch.float32,
+    "float": torch.float32,
+    "float16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+
+
+def resolve_dtype(dtype: str | torch.dtype, checkpoint_dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """Turn the user's ``dtype`` into a torch dtype.
+
+    ``"auto"`` takes the checkpoint's dtype on GPU and float32 on CPU, where
+    half-precision matmuls are slow or missing.
+    """
+    if isinstance(dtype, torch.dtype):
+        if dtype not in _DTYPES.values():
+            raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
+        return dtype
+    if dtype == "auto":
+        if device.type == "cpu":
+            return torch.float32
+        return checkpoint_dtype if checkpoint_dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be one of auto, {', '.join(_DTYPES)}; got {dtype!r}")
+    return _DTYPES[dtype]
+
+
+@dataclass(frozen=True, slots=True)
+class LlmArgs:
+    """All arguments of :class:`rtllm.LLM`.
+
+    Attributes:
+        model: Hugging Face model directory or GGUF file; None takes the embedded
+            default model (SmolLM2-135M-Instruct).
+        tokenizer: Tokenizer source when it differs from ``model``.
+        dtype: "auto", "float32", "float16" or "bfloat16".
+        device: "cpu", "cuda" or "cuda:N"; None picks CUDA when available.
+        max_batch_size: Most requests in one engine step.
+        max_num_tokens: Most tokens (context + generation) in one engine step.
+        max_seq_len: Longest prompt + output; None takes the model's limit.
+        enable_chunked_prefill: Split prompts longer than the step budget across steps.
+        kv_cache_config: See :class:`KvCacheConfig`.
+        scheduler_config: See :class:`SchedulerConfig`.
+        skip_tokenizer_init: Work on token ids only (no text in, no text out).
+        seed: Seed of the engine's generator for requests without their own seed
+            (and of the random weights of ``load_format="dummy"``).
+        load_format: "auto" reads the checkpoint; "dummy" fills random weights
+            (benchmarks of a model shape without its weights).
+    """
+
+    model: str | None = None
+    tokenizer: str | None = None
+    dtype: str = "auto"
+    device: str | None = None
+    max_batch_size: int = 256
+    max_num_tokens: int = 8192
+    max_seq_len: int | None = None
+    enable_chunked_prefill: bool = False
+    kv_cache_config: KvCacheConfig = field(default_factory=KvCacheConfig)
+    scheduler_config: SchedulerConfig = field(default_factory=SchedulerConfig)
+    skip_tokenizer_init: bool = False
+    seed: int = 0
+    load_format: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.load_format not in ("auto", "dummy"):
+            raise ValueError(f"load_format must be 'auto' or 'dummy', got {self.load_format!r}")
+        _check_positive_int("max_batch_size", self.max_batch_size)
+        _check_positive_int("max_num_tokens", self.max_num_tokens)
+        _check_positive_int("max_seq_len", self.max_seq_len, allow_none=True)
+        if not isinstance(self.kv_cache_config, KvCacheConfig):
+            raise ValueError(f"kv_cache_config must be a KvCacheConfig, got {type(self.kv_cache_config).__name__}")
+        if not isinstance(self.scheduler_config, SchedulerConfig):
+            raise ValueError(
+                f"scheduler_config must be a SchedulerConfig, got {type(self.scheduler_config).__name__}"
+            )
+        if self.device is not None:
+            try:
+                torch.device(self.device)
+            except RuntimeError:
+                raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {self.device!r}") from None
+        if not isinstance(self.dtype, torch.dtype) and self.dtype != "auto" and self.dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of auto, {', '.join(_DTYPES)}; got {self.dtype!r}")

@@ -1,0 +1,55 @@
+"""Sizes the KV block pool."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from rtllm.llmapi.llm_args import KvCacheConfig
+from rtllm.models.config import ModelConfig
+
+logger = logging.getLogger(__name__)
+
+# On CPU there is no "free device memory" to share out; the pool is capped here
+# (tensors are allocated lazily, so an unused pool costs address space only).
+CPU_KV_CACHE_BYTES = 2 * 2**30
+
+
+def kv_bytes_per_block(config: ModelConfig, tokens_per_block: int, dtype: torch.dtype) -> int:
+    """Bytes one KV block takes over all layers."""
+    return config.kv_bytes_per_token * tokens_per_block * torch.empty((), dtype=dtype).element_size()
+
+
+def num_kv_blocks(
+    config: ModelConfig,
+    kv_config: KvCacheConfig,
+    dtype: torch.dtype,
+    device: torch.device,
+    max_seq_len: int,
+    max_batch_size: int,
+) -> int:
+    """Number of KV blocks to allocate.
+
+    ``kv_config.max_tokens`` wins when given; otherwise on CUDA the pool takes
+    ``free_gpu_memory_fraction`` of the free memory, and on CPU enough for
+    ``max_batch_size`` full sequences capped at :data:`CPU_KV_CACHE_BYTES`.
+    Raises if not even one sequence of ``max_seq_len`` tokens fits.
+    """
+    tokens_per_block = kv_config.tokens_per_block
+    per_block = kv_bytes_per_block(config, tokens_per_block, dtype)
+    min_blocks = -(-max_seq_len // tokens_per_block)
+    if kv_config.max_tokens is not None:
+        num_blocks = -(-kv_config.max_tokens // tokens_per_block)
+    elif device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        num_blocks = int(free * kv_config.free_gpu_memory_fraction) // per_block
+    else:
+        wanted = -(-max_batch_size * max_seq_len // tokens_per_block)
+        num_blocks = max(min_blocks, min(wanted, CPU_KV_CACHE_BYTES // per_block))
+    if num_blocks < min_blocks:
+        raise ValueError(
+            f"the KV cache holds {num_blocks * tokens_per_block} tokens, fewer than max_seq_len="
+            f"{max_seq_len}; raise kv_cache_config.max_tokens / free_gpu_memory_fraction or lower max_seq_len"
+        )
+    return num_blocks
