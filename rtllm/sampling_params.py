@@ -6,11 +6,17 @@ TensorRT-LLM) when none of ``temperature``, ``top_k`` and ``top_p`` is set.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value: object) -> bool:
+    """A finite int or float (bools and NaN/inf excluded)."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass(slots=True)
@@ -67,15 +73,11 @@ class SamplingParams:
     def _validate(self) -> None:
         if not _is_int(self.max_tokens) or self.max_tokens < 1:
             raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
-        if self.temperature is not None and (
-            not isinstance(self.temperature, int | float) or self.temperature < 0
-        ):
+        if self.temperature is not None and (not _is_real(self.temperature) or self.temperature < 0):
             raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
         if self.top_k is not None and (not _is_int(self.top_k) or self.top_k < 0):
             raise ValueError(f"top_k must be an integer >= 0 (0 disables it), got {self.top_k!r}")
-        if self.top_p is not None and (
-            not isinstance(self.top_p, int | float) or not 0.0 < self.top_p <= 1.0
-        ):
+        if self.top_p is not None and (not _is_real(self.top_p) or not 0.0 < self.top_p <= 1.0):
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if self.seed is not None and not _is_int(self.seed):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
@@ -89,8 +91,9 @@ class SamplingParams:
                 isinstance(s, str) and s for s in stops
             ):
                 raise ValueError(f"stop must be a non-empty string or a list of them, got {self.stop!r}")
-        if self.stop_token_ids is not None and not all(
-            _is_int(t) and t >= 0 for t in self.stop_token_ids
+        if self.stop_token_ids is not None and (
+            not isinstance(self.stop_token_ids, list | tuple)
+            or not all(_is_int(t) and t >= 0 for t in self.stop_token_ids)
         ):
             raise ValueError(
                 f"stop_token_ids must be a list of token ids >= 0, got {self.stop_token_ids!r}"

@@ -65,7 +65,9 @@ class Sampler:
                 sorted_probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(dim=-1)
                 mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
                 # Keep the smallest prefix whose mass reaches top_p (always >= 1 token).
-                drop |= mass_before >= torch.tensor(top_p, device=device).unsqueeze(1)
+                # Rows with top_p == 1 are left alone: float32 cumsum can reach 1.0 early.
+                top_p_t = torch.tensor(top_p, device=device).unsqueeze(1)
+                drop |= (mass_before >= top_p_t) & (top_p_t < 1.0)
             sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
             logits = torch.empty_like(logits).scatter_(1, order, sorted_logits)
         return logits.softmax(dim=-1)

@@ -6,6 +6,7 @@ import itertools
 import logging
 import queue
 import threading
+import time
 from typing import Any
 
 import torch
@@ -35,6 +36,8 @@ class InProcessExecutor(GenerationExecutor):
         self._ids = itertools.count()
         self._closed = False
         self._lock = threading.Lock()
+        # Monotonic time of the last completed step; read by health checks.
+        self.last_step_time = time.monotonic()
         self._thread = threading.Thread(target=self._run_loop, name="rtllm-engine", daemon=True)
         self._thread.start()
 
@@ -63,7 +66,20 @@ class InProcessExecutor(GenerationExecutor):
 
     @property
     def is_alive(self) -> bool:
+        """True while the engine thread runs."""
         return self._thread.is_alive()
+
+    def stats(self) -> dict[str, int]:
+        """A snapshot of engine load (read without locking; values may be one step old)."""
+        engine = self.engine
+        kv_cache = engine.kv_cache
+        return {
+            "num_running": len(engine.scheduler.running),
+            "num_waiting": len(engine.scheduler.waiting),
+            "num_steps": engine.num_steps,
+            "kv_blocks_total": kv_cache.num_blocks,
+            "kv_blocks_used": kv_cache.num_blocks - kv_cache.num_free_blocks,
+        }
 
     # ---- engine thread -----------------------------------------------------------------
     def _run_loop(self) -> None:
@@ -77,6 +93,7 @@ class InProcessExecutor(GenerationExecutor):
                 except Exception as exc:  # noqa: BLE001 - a broken step must not kill the loop
                     logger.exception("engine step failed; failing its running requests")
                     updates = self._fail_all(f"{type(exc).__name__}: {exc}")
+                self.last_step_time = time.monotonic()
                 self._dispatch(updates)
         finally:
             self.engine.shutdown()

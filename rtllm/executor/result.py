@@ -110,8 +110,11 @@ class GenerationResult:
             out.finish_reason = response.finish_reason
             out.stop_reason = response.stop_reason
             self.error = response.error
-        if response.error is not None:
-            raise RequestError(f"request {self.request_id} failed: {response.error}")
+        self._raise_if_failed()
+
+    def _raise_if_failed(self) -> None:
+        if self.error is not None:
+            raise RequestError(f"request {self.request_id} failed: {self.error}")
 
     def abort(self) -> None:
         """Cancel the request; it finishes with ``finish_reason == "cancelled"``."""
@@ -128,6 +131,7 @@ class GenerationResult:
             except queue.Empty:
                 raise TimeoutError(f"request {self.request_id} did not finish in {timeout} s") from None
             self._apply(response)
+        self._raise_if_failed()
         return self
 
     def __iter__(self) -> Iterator[GenerationResult]:
@@ -157,6 +161,7 @@ class GenerationResult:
         """Wait (asynchronously) until the request finishes; returns ``self``."""
         while not self.finished:
             self._apply(await self._next_response())
+        self._raise_if_failed()
         return self
 
     def __await__(self) -> Generator[Any, None, GenerationResult]:

@@ -77,6 +77,11 @@ class LLM:
         :data:`RequestOutput` for a single prompt, else a list in input order.
         """
         single = _is_single_prompt(inputs)
+        if not single and not isinstance(inputs, list | tuple):
+            raise ValueError(
+                "a prompt must be a string, a list of token ids or a dict (or a list of these); "
+                f"got {type(inputs).__name__}"
+            )
         prompts: list[PromptInput] = [inputs] if single else list(inputs)  # type: ignore[list-item]
         if isinstance(sampling_params, Sequence):
             if len(sampling_params) != len(prompts):

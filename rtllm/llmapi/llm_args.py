@@ -52,7 +52,8 @@ class KvCacheConfig:
                 f"tokens_per_block must be a power of two in [1, 1024], got {self.tokens_per_block}"
             )
         _check_positive_int("max_tokens", self.max_tokens, allow_none=True)
-        if not 0.0 < self.free_gpu_memory_fraction <= 1.0:
+        fraction = self.free_gpu_memory_fraction
+        if not isinstance(fraction, int | float) or isinstance(fraction, bool) or not 0.0 < fraction <= 1.0:
             raise ValueError(
                 f"free_gpu_memory_fraction must be in (0, 1], got {self.free_gpu_memory_fraction!r}"
             )
@@ -170,5 +171,10 @@ class LlmArgs:
                 torch.device(self.device)
             except RuntimeError:
                 raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {self.device!r}") from None
-        if not isinstance(self.dtype, torch.dtype) and self.dtype != "auto" and self.dtype not in _DTYPES:
+        if isinstance(self.dtype, torch.dtype):
+            if self.dtype not in _DTYPES.values():
+                raise ValueError(f"dtype must be float32, float16 or bfloat16, got {self.dtype}")
+        elif self.dtype != "auto" and self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of auto, {', '.join(_DTYPES)}; got {self.dtype!r}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise ValueError(f"seed must be an integer, got {self.seed!r}")

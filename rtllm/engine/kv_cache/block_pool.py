@@ -38,6 +38,8 @@ class BlockPool:
 
     def allocate(self, num: int) -> list[int]:
         """Take ``num`` free blocks (each then has reference count 1)."""
+        if num < 0:
+            raise ValueError(f"cannot allocate a negative number of blocks ({num})")
         if num > len(self._free):
             raise OutOfBlocksError(f"asked for {num} KV blocks, only {len(self._free)} free")
         blocks = [self._free.popleft() for _ in range(num)]
@@ -48,6 +50,8 @@ class BlockPool:
     def free(self, block_ids: list[int]) -> None:
         """Drop one reference to each block; blocks reaching 0 return to the pool."""
         for block in block_ids:
+            if not 0 <= block < self.num_blocks:
+                raise ValueError(f"KV block id {block} is outside [0, {self.num_blocks})")
             count = self._ref_counts[block]
             if count <= 0:
                 raise RuntimeError(f"KV block {block} freed more often than allocated")

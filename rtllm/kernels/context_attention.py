@@ -1,0 +1,314 @@
+"""Prefill (context) attention over the paged KV cache (Triton), plus a PyTorch reference.
+
+The batch is packed: sequence ``b`` owns query rows ``cu_seqlens_q[b]:cu_seqlens_q[b+1]``
+and has ``seq_lens[b]`` keys in the cache, the last ``query_len`` of which belong to
+those rows (their K/V must already be written, see :mod:`rtllm.kernels.kv_cache_write`).
+Keys are read through ``block_tables``, so a cached prefix (chunked context, prefix-cache
+hit) is handled with no extra work; query row ``i`` sits at absolute position
+``seq_len - query_len + i`` and attends causally (optionally within a sliding window of
+``sliding_window`` keys, itself included).
+
+The kernel is flash-attention style: one program per (query block, head, sequence),
+an online softmax in float32 over key tiles gathered slot by slot from the cache.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _context_attention_kernel(
+    q_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    out_ptr,
+    cu_seqlens_q_ptr,
+    seq_lens_ptr,
+    block_tables_ptr,
+    scale_log2e,
+    sliding_window,
+    stride_qt,
+    stride_qh,
+    stride_ot,
+    stride_oh,
+    stride_c_block,
+    stride_c_tok,
+    stride_c_head,
+    stride_bt,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    GROUP: tl.constexpr,
+    TOKENS_PER_BLOCK: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    USE_WINDOW: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    head = tl.program_id(1)
+    seq = tl.program_id(2)
+    q_start = tl.load(cu_seqlens_q_ptr + seq)
+    q_len = tl.load(cu_seqlens_q_ptr + seq + 1) - q_start
+    m_start = pid_m * BLOCK_M
+    # The grid covers the longest query of the batch; shorter sequences' extra blocks exit.
+    if m_start >= q_len:
+        return
+    seq_len = tl.load(seq_lens_ptr + seq)
+    ctx_len = seq_len - q_len  # cached tokens before this step's queries
+    kv_head = head // GROUP
+
+    offs_m = m_start + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_mask = offs_m < q_len
+    d_mask = offs_d < HEAD_DIM
+    rows = (q_start + offs_m).to(tl.int64)
+    q = tl.load(
+        q_ptr + rows[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
+        mask=m_mask[:, None] & d_mask[None, :],
+        other=0.0,
+    )
+    q_pos = ctx_len + offs_m  # absolute position of each query row
+
+    # Keys [lo, hi) can be seen by some row of this block: causal upper bound, window lower.
+    hi = tl.minimum(seq_len, ctx_len + m_start + BLOCK_M)
+    lo = 0
+    if USE_WINDOW:
+        lo = tl.maximum(ctx_len + m_start - sliding_window + 1, 0)
+        lo = (lo // BLOCK_N) * BLOCK_N
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    table_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < seq_len
+        # Per-key gather: any BLOCK_N works with any tokens_per_block.
+        block = tl.load(table_row + offs_n // TOKENS_PER_BLOCK, mask=n_mask, other=0)
+        kv_off = (
+            block.to(tl.int64) * stride_c_block
+            + (offs_n % TOKENS_PER_BLOCK) * stride_c_tok
+            + kv_head * stride_c_head
+        )
+        kv_mask = n_mask[:, None] & d_mask[None, :]
+        k = tl.load(k_cache_ptr + kv_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2e
+        allowed = (offs_n[None, :] <= q_pos[:, None]) & n_mask[None, :]
+        if USE_WINDOW:
+            allowed = allowed & (offs_n[None, :] > q_pos[:, None] - sliding_window)
+        s = tl.where(allowed, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # A row with nothing allowed yet keeps m = -inf; subtract 0 instead to avoid NaN.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_cache_ptr + kv_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    # Every real row sees at least itself, so l_i > 0 there; padded rows are not stored.
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    tl.store(
+        out_ptr + rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
+        out.to(out_ptr.dtype.element_ty),
+        mask=m_mask[:, None] & d_mask[None, :],
+    )
+
+
+def _default_blocks(head_dim: int, device: torch.device) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps) for this head size."""
+    if device.type != "cuda":
+        return 16, 16, 4  # interpreter: small tiles keep tests quick
+    if head_dim <= 64:
+        return 128, 64, 4
+    if head_dim <= 128:
+        return 128, 64, 8
+    return 64, 32, 4
+
+
+def check_paged_inputs(
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_tables: torch.Tensor,
+) -> tuple[int, int, int, int]:
+    """Validate the arguments shared by the attention launchers.
+
+    Returns ``(num_heads, num_kv_heads, head_dim, group)``.
+    """
+    if query.dim() != 3 or query.stride(-1) != 1:
+        raise ValueError("query must be [num_tokens, num_heads, head_dim] with contiguous head_dim")
+    if kv_cache.dim() != 5 or kv_cache.shape[0] != 2 or kv_cache.stride(-1) != 1:
+        raise ValueError(
+            "kv_cache must be [2, num_blocks, tokens_per_block, num_kv_heads, head_dim] "
+            "with contiguous head_dim"
+        )
+    num_heads, head_dim = query.shape[1], query.shape[2]
+    num_kv_heads = kv_cache.shape[3]
+    if kv_cache.shape[4] != head_dim:
+        raise ValueError(f"query head_dim {head_dim} != cache head_dim {kv_cache.shape[4]}")
+    if num_heads % num_kv_heads != 0:
+        raise ValueError(f"num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}")
+    if query.dtype != kv_cache.dtype:
+        raise ValueError(f"query dtype {query.dtype} != kv_cache dtype {kv_cache.dtype}")
+    if query.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"unsupported dtype {query.dtype}")
+    for name, t in (("seq_lens", seq_lens), ("block_tables", block_tables)):
+        if t.dtype != torch.int32:
+            raise ValueError(f"{name} must be int32, got {t.dtype}")
+        if t.device != query.device or kv_cache.device != query.device:
+            raise ValueError("query, kv_cache and metadata must be on one device")
+    if block_tables.dim() != 2 or block_tables.stride(1) != 1:
+        raise ValueError("block_tables must be [batch, max_blocks] with contiguous rows")
+    if seq_lens.dim() != 1 or not seq_lens.is_contiguous():
+        raise ValueError("seq_lens must be a contiguous [batch] tensor")
+    if block_tables.shape[0] != seq_lens.shape[0]:
+        raise ValueError("block_tables and seq_lens disagree on the batch size")
+    return num_heads, num_kv_heads, head_dim, num_heads // num_kv_heads
+
+
+def context_attention(
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_tables: torch.Tensor,
+    max_query_len: int,
+    scale: float,
+    sliding_window: int | None = None,
+    out: torch.Tensor | None = None,
+    block_m: int | None = None,
+    block_n: int | None = None,
+) -> torch.Tensor:
+    """Causal attention of packed queries over paged keys (context / mixed steps).
+
+    Args:
+        query: ``[num_tokens, num_heads, head_dim]`` (token/head strides free).
+        kv_cache: ``[2, num_blocks, tokens_per_block, num_kv_heads, head_dim]`` holding
+            every key of every sequence, this step's included; same dtype as ``query``.
+        cu_seqlens_q: int32 ``[batch + 1]`` query row offsets (``cu[-1] == num_tokens``).
+        seq_lens: int32 ``[batch]`` total keys per sequence (cached + new).
+        block_tables: int32 ``[batch, max_blocks]``.
+        max_query_len: host int, the longest query of the batch (sizes the grid).
+        scale: softmax scale.
+        sliding_window: attend to at most this many keys (the query's own included).
+        out: optional ``[num_tokens, num_heads, head_dim]`` output buffer.
+        block_m, block_n: tile overrides (tests use small tiles to hit multi-tile paths).
+
+    Returns:
+        ``[num_tokens, num_heads, head_dim]`` in ``query``'s dtype.
+    """
+    num_heads, _, head_dim, group = check_paged_inputs(query, kv_cache, seq_lens, block_tables)
+    if cu_seqlens_q.dtype != torch.int32 or cu_seqlens_q.shape != (seq_lens.shape[0] + 1,):
+        raise ValueError("cu_seqlens_q must be int32 [batch + 1]")
+    if out is None:
+        out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
+    elif out.shape != query.shape or out.stride(-1) != 1:
+        raise ValueError("out must match query's shape with contiguous head_dim")
+    batch = seq_lens.shape[0]
+    if query.shape[0] == 0 or batch == 0 or max_query_len <= 0:
+        return out
+    default_m, default_n, num_warps = _default_blocks(head_dim, query.device)
+    bm, bn = block_m or default_m, block_n or default_n
+    window = sliding_window or 0
+    grid = (triton.cdiv(max_query_len, bm), num_heads, batch)
+    _context_attention_kernel[grid](
+        query,
+        kv_cache[0],
+        kv_cache[1],
+        out,
+        cu_seqlens_q,
+        seq_lens,
+        block_tables,
+        scale * _LOG2E,
+        window,
+        query.stride(0),
+        query.stride(1),
+        out.stride(0),
+        out.stride(1),
+        kv_cache.stride(1),
+        kv_cache.stride(2),
+        kv_cache.stride(3),
+        block_tables.stride(0),
+        HEAD_DIM=head_dim,
+        BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+        GROUP=group,
+        TOKENS_PER_BLOCK=kv_cache.shape[2],
+        BLOCK_M=bm,
+        BLOCK_N=bn,
+        USE_WINDOW=window > 0,
+        DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
+        num_warps=num_warps,
+        num_stages=2,
+    )
+    return out
+
+
+def gather_paged_kv(
+    kv_cache: torch.Tensor, block_table: torch.Tensor, seq_len: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V ``[seq_len, num_kv_heads, head_dim]`` of one sequence (reference helper)."""
+    tokens_per_block = kv_cache.shape[2]
+    positions = torch.arange(seq_len, device=kv_cache.device)
+    blocks = block_table.long()[positions // tokens_per_block]
+    offsets = positions % tokens_per_block
+    return kv_cache[0, blocks, offsets], kv_cache[1, blocks, offsets]
+
+
+def reference_attention(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    context_len: int,
+    scale: float,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    """Float32 causal GQA attention of one sequence: ``query`` ``[q, H, D]`` at positions
+    ``context_len..``, ``keys``/``values`` ``[context_len + q, Hkv, D]``."""
+    q_len, num_heads, _ = query.shape
+    group = num_heads // keys.shape[1]
+    k = keys.float().repeat_interleave(group, dim=1)
+    v = values.float().repeat_interleave(group, dim=1)
+    scores = torch.einsum("qhd,khd->hqk", query.float(), k) * scale
+    q_pos = context_len + torch.arange(q_len, device=query.device)[:, None]
+    k_pos = torch.arange(keys.shape[0], device=query.device)[None, :]
+    allowed = k_pos <= q_pos
+    if sliding_window is not None:
+        allowed &= k_pos > q_pos - sliding_window
+    scores = scores.masked_fill(~allowed, -math.inf)
+    return torch.einsum("hqk,khd->qhd", scores.softmax(-1), v)
+
+
+def context_attention_ref(
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_tables: torch.Tensor,
+    max_query_len: int,
+    scale: float,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    """PyTorch reference of :func:`context_attention` (float32 math, ``query``'s dtype out)."""
+    check_paged_inputs(query, kv_cache, seq_lens, block_tables)
+    out = torch.empty_like(query)
+    cu = cu_seqlens_q.tolist()
+    for b, seq_len in enumerate(seq_lens.tolist()):
+        q = query[cu[b] : cu[b + 1]]
+        if q.shape[0] == 0:
+            continue
+        keys, values = gather_paged_kv(kv_cache, block_tables[b], seq_len)
+        ctx = seq_len - q.shape[0]
+        out[cu[b] : cu[b + 1]] = reference_attention(
+            q, keys, values, ctx, scale, sliding_window
+        ).to(query.dtype)
+    return out

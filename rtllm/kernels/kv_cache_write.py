@@ -1,0 +1,138 @@
+"""Write a step's new K/V into the paged KV cache (Triton), plus a PyTorch reference.
+
+Cache layout (see :mod:`rtllm.layers.attention_backends.base`): one tensor per layer
+``[2, num_blocks, tokens_per_block, num_kv_heads, head_dim]``, K at index 0 and V at
+index 1. Token ``t`` goes to slot ``slot_mapping[t]`` = ``block * tokens_per_block +
+offset``; a negative slot means "skip this row" (padding rows of a CUDA-graph batch).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _kv_cache_write_kernel(
+    key_ptr,
+    value_ptr,
+    cache_ptr,
+    slot_mapping_ptr,
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,
+    stride_c_kv,
+    stride_c_block,
+    stride_c_tok,
+    stride_c_head,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    TOKENS_PER_BLOCK: tl.constexpr,
+):
+    # One program copies one (token, kv head) row of K and of V.
+    token = tl.program_id(0)
+    head = tl.program_id(1)
+    # int64: slot * stride overflows int32 for caches beyond 2 GiB elements.
+    slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    # A negative slot is a padded row: nothing is loaded or stored for it.
+    mask = (offs_d < HEAD_DIM) & (slot >= 0)
+    block = slot // TOKENS_PER_BLOCK
+    offset = slot % TOKENS_PER_BLOCK
+    dst = block * stride_c_block + offset * stride_c_tok + head * stride_c_head + offs_d
+    token64 = token.to(tl.int64)
+    k = tl.load(key_ptr + token64 * stride_kt + head * stride_kh + offs_d, mask=mask)
+    v = tl.load(value_ptr + token64 * stride_vt + head * stride_vh + offs_d, mask=mask)
+    elem_ty = cache_ptr.dtype.element_ty
+    tl.store(cache_ptr + dst, k.to(elem_ty), mask=mask)
+    tl.store(cache_ptr + stride_c_kv + dst, v.to(elem_ty), mask=mask)
+
+
+def _check_kv_inputs(
+    key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    if kv_cache.dim() != 5 or kv_cache.shape[0] != 2:
+        raise ValueError(
+            "kv_cache must be [2, num_blocks, tokens_per_block, num_kv_heads, head_dim], "
+            f"got {tuple(kv_cache.shape)}"
+        )
+    heads, head_dim = kv_cache.shape[3], kv_cache.shape[4]
+    for name, t in (("key", key), ("value", value)):
+        if t.dim() != 3 or t.shape[1:] != (heads, head_dim):
+            raise ValueError(
+                f"{name} must be [num_tokens, {heads}, {head_dim}], got {tuple(t.shape)}"
+            )
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name}'s head_dim must be contiguous (stride 1)")
+        if t.device != kv_cache.device:
+            raise ValueError(f"{name} is on {t.device}, kv_cache on {kv_cache.device}")
+    if key.shape[0] != value.shape[0]:
+        raise ValueError(f"key has {key.shape[0]} tokens, value {value.shape[0]}")
+    if kv_cache.stride(-1) != 1:
+        raise ValueError("kv_cache's head_dim must be contiguous (stride 1)")
+    if slot_mapping.dim() != 1 or slot_mapping.shape[0] != key.shape[0]:
+        raise ValueError(
+            f"slot_mapping must be [{key.shape[0]}], got {tuple(slot_mapping.shape)}"
+        )
+    if slot_mapping.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"slot_mapping must be int32 or int64, got {slot_mapping.dtype}")
+    if not slot_mapping.is_contiguous() or slot_mapping.device != kv_cache.device:
+        raise ValueError("slot_mapping must be contiguous and on the cache's device")
+
+
+def write_kv_cache(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    kv_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """Store ``key``/``value`` rows into ``kv_cache`` at ``slot_mapping`` (in place).
+
+    Args:
+        key, value: ``[num_tokens, num_kv_heads, head_dim]``; token and head strides
+            are free (views into a fused QKV buffer work), head_dim must be contiguous.
+            Cast to the cache's dtype on store.
+        kv_cache: ``[2, num_blocks, tokens_per_block, num_kv_heads, head_dim]``.
+        slot_mapping: int32/int64 ``[num_tokens]``; negative entries are skipped.
+    """
+    _check_kv_inputs(key, value, kv_cache, slot_mapping)
+    num_tokens, num_kv_heads, head_dim = key.shape
+    if num_tokens == 0:
+        return
+    grid = (num_tokens, num_kv_heads)
+    _kv_cache_write_kernel[grid](
+        key,
+        value,
+        kv_cache,
+        slot_mapping,
+        key.stride(0),
+        key.stride(1),
+        value.stride(0),
+        value.stride(1),
+        kv_cache.stride(0),
+        kv_cache.stride(1),
+        kv_cache.stride(2),
+        kv_cache.stride(3),
+        HEAD_DIM=head_dim,
+        BLOCK_D=triton.next_power_of_2(head_dim),
+        TOKENS_PER_BLOCK=kv_cache.shape[2],
+        num_warps=1 if head_dim <= 64 else 2,
+    )
+
+
+def write_kv_cache_ref(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    kv_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """PyTorch reference of :func:`write_kv_cache` (same arguments, same effect)."""
+    _check_kv_inputs(key, value, kv_cache, slot_mapping)
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep].long()
+    tokens_per_block = kv_cache.shape[2]
+    blocks, offsets = slots // tokens_per_block, slots % tokens_per_block
+    kv_cache[0, blocks, offsets] = key[keep].to(kv_cache.dtype)
+    kv_cache[1, blocks, offsets] = value[keep].to(kv_cache.dtype)
