@@ -7,11 +7,12 @@ import logging
 import sys
 import time
 from collections.abc import Sequence
+from typing import Any
 
 from rtllm.sampling_params import SamplingParams
 
 
-def _add_engine_args(parser: argparse.ArgumentParser) -> None:
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
     from rtllm.llmapi.llm_args import KvCacheConfig, LlmArgs
 
     defaults = LlmArgs()
@@ -38,7 +39,11 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
                        help="dummy: random weights (benchmarking a shape)")
 
 
-def _build_llm(args: argparse.Namespace):  # noqa: ANN202 - LLM imported lazily (heavy)
+def build_llm(args: argparse.Namespace, **overrides: Any) -> Any:
+    """Build an :class:`rtllm.LLM` from the engine options of :func:`add_engine_args`.
+
+    ``overrides`` are further ``LLM`` arguments (e.g. ``skip_tokenizer_init``).
+    """
     from rtllm import LLM, KvCacheConfig
 
     return LLM(
@@ -56,6 +61,7 @@ def _build_llm(args: argparse.Namespace):  # noqa: ANN202 - LLM imported lazily 
             max_tokens=args.kv_cache_max_tokens,
             free_gpu_memory_fraction=args.kv_cache_free_gpu_memory_fraction,
         ),
+        **overrides,
     )
 
 
@@ -70,7 +76,7 @@ def _generate(args: argparse.Namespace) -> int:
         ignore_eos=args.ignore_eos,
     )
     start = time.perf_counter()
-    llm = _build_llm(args)
+    llm = build_llm(args)
     load_s = time.perf_counter() - start
     prompts = list(args.prompts)
     if args.chat:
@@ -114,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="generate text for one or more prompts",
                          description="Generate continuations of PROMPTs (greedy unless sampling options are given).")
     gen.add_argument("prompts", nargs="+", metavar="PROMPT", help="prompt text(s)")
-    _add_engine_args(gen)
+    add_engine_args(gen)
     sampling = gen.add_argument_group("sampling")
     sampling.add_argument("--max-tokens", type=int, default=64, help="tokens to generate per prompt")
     sampling.add_argument("--temperature", type=float, default=None, help="sampling temperature (0: greedy)")
@@ -127,6 +133,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--stream", action="store_true", help="print tokens as they are generated (one prompt)")
     gen.add_argument("-v", "--verbose", action="store_true", help="print finish reasons and load time to stderr")
     gen.set_defaults(func=_generate)
+
+    # Imported here: these modules import this one for the shared engine options.
+    from rtllm.bench.cli import add_bench_parser
+
+    add_bench_parser(sub)
     return parser
 
 

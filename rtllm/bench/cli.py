@@ -20,12 +20,12 @@ DEFAULT_NUM_REQUESTS = 32
 
 
 def _add_bench_args(parser: argparse.ArgumentParser, *, with_concurrency: bool) -> None:
-    from rtllm.cli import _add_engine_args
+    from rtllm.cli import add_engine_args
 
-    _add_engine_args(parser)
+    add_engine_args(parser)
     # trtllm-bench's spelling of the engine option --kv-cache-free-gpu-memory-fraction.
     parser.add_argument("--kv-cache-free-gpu-mem-fraction", dest="kv_cache_free_gpu_memory_fraction",
-                        type=float, default=argparse.SUPPRESS,
+                        type=float, default=argparse.SUPPRESS, metavar="FRACTION",
                         help="alias of --kv-cache-free-gpu-memory-fraction")
     data = parser.add_argument_group("dataset")
     data.add_argument("--dataset", default=None, metavar="JSONL",
@@ -90,26 +90,9 @@ def _check_positive(name: str, value: int | float | None, *, allow_zero: bool = 
 
 
 def _build_llm(args: argparse.Namespace, need_tokenizer: bool) -> Any:
-    from rtllm import LLM, KvCacheConfig
+    from rtllm.cli import build_llm
 
-    return LLM(
-        model=args.model,
-        tokenizer=args.tokenizer,
-        dtype=args.dtype,
-        device=args.device,
-        max_batch_size=args.max_batch_size,
-        max_num_tokens=args.max_num_tokens,
-        max_seq_len=args.max_seq_len,
-        enable_chunked_prefill=args.enable_chunked_prefill,
-        load_format=args.load_format,
-        kv_cache_config=KvCacheConfig(
-            tokens_per_block=args.tokens_per_block,
-            max_tokens=args.kv_cache_max_tokens,
-            free_gpu_memory_fraction=args.kv_cache_free_gpu_memory_fraction,
-        ),
-        skip_tokenizer_init=not need_tokenizer,
-        seed=args.seed,
-    )
+    return build_llm(args, skip_tokenizer_init=not need_tokenizer, seed=args.seed)
 
 
 def special_token_ids(llm: Any) -> set[int]:

@@ -46,13 +46,20 @@ class RotaryEmbedding(nn.Module):
         # Cache cos and sin of [max_position, head_dim / 2] in float32 (exact as HF's).
         self.register_buffer("cos_cached", freqs.cos(), persistent=False)
         self.register_buffer("sin_cached", freqs.sin(), persistent=False)
+        # One module serves every layer; all layers of a step pass the same positions
+        # tensor, so cos/sin are looked up once per step rather than once per layer.
+        self._last_positions: torch.Tensor | None = None
+        self._last_cos_sin: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def forward(
         self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Rotate ``query`` ``[T, H, D]`` and ``key`` ``[T, Hkv, D]`` at ``positions`` ``[T]``."""
-        cos = self.cos_cached[positions].to(query.dtype).unsqueeze(1)
-        sin = self.sin_cached[positions].to(query.dtype).unsqueeze(1)
+        if positions is not self._last_positions or self._last_cos_sin is None:
+            cos = self.cos_cached.index_select(0, positions).to(query.dtype).unsqueeze(1)
+            sin = self.sin_cached.index_select(0, positions).to(query.dtype).unsqueeze(1)
+            self._last_positions, self._last_cos_sin = positions, (cos, sin)
+        cos, sin = self._last_cos_sin
         return _rotate(query, cos, sin), _rotate(key, cos, sin)
 
 

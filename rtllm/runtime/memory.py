@@ -11,9 +11,8 @@ from rtllm.models.config import ModelConfig
 
 logger = logging.getLogger(__name__)
 
-# On CPU there is no "free device memory" to share out; the pool is capped here
-# (tensors are allocated lazily, so an unused pool costs address space only).
-CPU_KV_CACHE_BYTES = 2 * 2**30
+# On CPU there is no "free device memory" to share out; the pool is capped here.
+CPU_KV_CACHE_BYTES = 2**30
 
 
 def kv_bytes_per_block(config: ModelConfig, tokens_per_block: int, dtype: torch.dtype) -> int:

@@ -41,9 +41,11 @@ class ModelRunner:
         self.num_blocks = num_blocks
         self.backend = get_attention_backend(attention_backend)
         shape = (2, num_blocks, tokens_per_block, config.num_key_value_heads, config.head_dim)
-        # torch.empty: pages are only touched when KV is written, so a large CPU pool is cheap.
+        # Zeroed, not empty: attention backends may read whole blocks past a sequence's
+        # end (masked out), and never-written memory could hold NaN, which a zero
+        # attention weight does not cancel (0 * NaN = NaN).
         self.kv_caches = [
-            torch.empty(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)
+            torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)
         ]
         logger.info(
             "KV cache: %d blocks x %d tokens, %.1f MiB",
