@@ -1,20 +1,31 @@
-"""The engine loop body: one :meth:`Engine.step` schedules, runs, samples and updates.
+"""The engine loop body: :meth:`Engine.step` schedules, runs, samples and updates.
 
-Errors never kill the loop: if a step's forward pass fails, every request of
-the step is retried alone, so only the request that really fails gets an error;
-finished, aborted and failed requests always give their KV blocks back.
+Every step is *launched* (inputs built, forward pass and sampling queued on the
+device, sampled tokens appended to their requests as placeholders) and later
+*committed* (tokens read back, placeholders replaced, stop checks, blocks freed).
+Without overlap a step is committed right after its launch. With overlap, step N
+is launched before step N-1 is committed, so the host prepares N while the device
+still runs N-1; step N reads N-1's tokens straight from the device tensor. A
+request that finishes at commit N-1 has already been launched in step N: that
+extra token is dropped at commit N (the price of never waiting on the device).
+
+Errors never kill the loop: if a launch fails, the step's requests are retried
+alone so only the request that really fails gets an error; finished, aborted and
+failed requests always give their KV blocks back.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+import torch
 
 from rtllm.engine.kv_cache.kv_cache_manager import KVCacheManager
-from rtllm.engine.llm_request import FinishReason, LlmRequest
+from rtllm.engine.llm_request import PENDING_TOKEN, FinishReason, LlmRequest
 from rtllm.engine.sampler import Sampler
 from rtllm.engine.scheduler import ScheduledRequest, Scheduler
-from rtllm.runtime.model_runner import ModelRunner
+from rtllm.runtime.model_runner import ModelRunner, TokenSources
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +51,15 @@ class EngineLimits:
     enable_chunked_prefill: bool
 
 
+@dataclass(slots=True)
+class _LaunchedStep:
+    """A step whose sampled tokens may still be on the device."""
+
+    requests: list[LlmRequest]  # the requests that sampled, in row order
+    tokens: torch.Tensor  # [len(requests)] device tensor of sampled ids
+    row_of: dict[int, int] = field(default_factory=dict)  # request id -> row
+
+
 class Engine:
     """Inflight batching over a :class:`Scheduler`, a :class:`ModelRunner` and a :class:`Sampler`."""
 
@@ -50,18 +70,21 @@ class Engine:
         scheduler: Scheduler,
         sampler: Sampler,
         limits: EngineLimits,
+        overlap: bool = False,
     ) -> None:
         self.runner = runner
         self.kv_cache = kv_cache
         self.scheduler = scheduler
         self.sampler = sampler
         self.limits = limits
+        self.overlap = overlap
         self.requests: dict[int, LlmRequest] = {}
         self.num_steps = 0
+        self._in_flight: _LaunchedStep | None = None
 
     @property
     def has_work(self) -> bool:
-        return self.scheduler.has_work
+        return self.scheduler.has_work or self._in_flight is not None
 
     def validate(self, prompt_token_ids: list[int], max_tokens: int) -> None:
         """Raise ``ValueError`` if a request with this prompt can never run."""
@@ -104,49 +127,91 @@ class Engine:
         return True
 
     def step(self) -> list[RequestUpdate]:
-        """Run one iteration; returns an update for every request that produced
-        tokens or finished."""
-        output = self.scheduler.schedule()
-        if not output:
-            return []
-        self.num_steps += 1
+        """Run one iteration; returns an update for every request that got tokens
+        or finished (with overlap, the tokens of the previous launch)."""
         updates: list[RequestUpdate] = []
-        tokens = self._forward_and_sample(output.scheduled, updates)
-        for item in output.scheduled:
-            item.request.num_computed_tokens += item.num_new_tokens
-        for item, token in tokens:
-            updates.append(self._append_token(item.request, token))
+        previous, self._in_flight = self._in_flight, None
+        output = self.scheduler.schedule()
+        launched: _LaunchedStep | None = None
+        if output:
+            self.num_steps += 1
+            try:
+                launched = self._launch(output.scheduled, previous)
+            except Exception as exc:  # noqa: BLE001 - the loop must survive any request
+                logger.warning("step failed (%r); retrying its %d requests alone", exc, len(output.scheduled))
+                if previous is not None:
+                    self._commit(previous, updates)
+                    previous = None
+                self._retry_alone(output.scheduled, updates)
+        if previous is not None:
+            self._commit(previous, updates)
+        if launched is not None:
+            if self.overlap:
+                self._in_flight = launched
+            else:
+                self._commit(launched, updates)
         return updates
 
-    def _forward_and_sample(
-        self, scheduled: list[ScheduledRequest], updates: list[RequestUpdate]
-    ) -> list[tuple[ScheduledRequest, int]]:
-        try:
-            return self._run(scheduled)
-        except Exception as exc:  # noqa: BLE001 - the loop must survive any request
-            if len(scheduled) == 1:
-                self._fail(scheduled[0].request, exc, updates)
-                scheduled.clear()
-                return []
-            logger.warning("step failed (%s); retrying its %d requests one by one", exc, len(scheduled))
-        results: list[tuple[ScheduledRequest, int]] = []
-        survivors: list[ScheduledRequest] = []
+    def _launch(self, scheduled: list[ScheduledRequest], previous: _LaunchedStep | None) -> _LaunchedStep | None:
+        sources = self._token_sources(scheduled, previous)
+        logits = self.runner.execute(scheduled, self.kv_cache.block_table, sources)
+        sampling = [item.request for item in scheduled if item.samples]
+        tokens = self.sampler.sample_async(logits, sampling) if sampling else None
         for item in scheduled:
+            item.request.num_computed_tokens += item.num_new_tokens
+        if tokens is None:
+            return None
+        launched = _LaunchedStep(sampling, tokens)
+        for row, request in enumerate(sampling):
+            request.output_token_ids.append(PENDING_TOKEN)
+            request.num_pending_tokens += 1
+            launched.row_of[request.request_id] = row
+        return launched
+
+    @staticmethod
+    def _token_sources(scheduled: list[ScheduledRequest], previous: _LaunchedStep | None) -> TokenSources | None:
+        """Where this step's placeholder input tokens are on the device."""
+        if previous is None:
+            return None
+        dst: list[int] = []
+        src: list[int] = []
+        offset = 0
+        for item in scheduled:
+            request = item.request
+            offset += item.num_new_tokens
+            # Only a generation request's last token can be pending, and it is the
+            # last input of the request this step.
+            if request.num_pending_tokens and request.request_id in previous.row_of:
+                dst.append(offset - 1)
+                src.append(previous.row_of[request.request_id])
+        return TokenSources(previous.tokens, dst, src) if dst else None
+
+    def _commit(self, launched: _LaunchedStep, updates: list[RequestUpdate]) -> None:
+        try:
+            tokens = launched.tokens.tolist()
+        except Exception as exc:  # noqa: BLE001 - a device error surfaces here
+            for request in launched.requests:
+                if not request.is_finished:
+                    self._fail(request, exc, updates)
+            return
+        for request, token in zip(launched.requests, tokens, strict=True):
+            if request.is_finished:
+                continue  # finished (or aborted) while this step was in flight
+            request.output_token_ids[len(request.output_token_ids) - request.num_pending_tokens] = token
+            request.num_pending_tokens -= 1
+            updates.append(self._check_finish(request, token))
+
+    def _retry_alone(self, scheduled: list[ScheduledRequest], updates: list[RequestUpdate]) -> None:
+        for item in scheduled:
+            if item.request.is_finished:
+                continue
             try:
-                results.extend(self._run([item]))
-                survivors.append(item)
+                launched = self._launch([item], None)
             except Exception as exc:  # noqa: BLE001
                 self._fail(item.request, exc, updates)
-        scheduled[:] = survivors
-        return results
-
-    def _run(self, scheduled: list[ScheduledRequest]) -> list[tuple[ScheduledRequest, int]]:
-        logits = self.runner.execute(scheduled, self.kv_cache.block_table)
-        sampling = [item for item in scheduled if item.samples]
-        if not sampling:
-            return []
-        tokens = self.sampler.sample(logits, [item.request for item in sampling])
-        return list(zip(sampling, tokens, strict=True))
+                continue
+            if launched is not None:
+                self._commit(launched, updates)
 
     def _fail(self, request: LlmRequest, exc: BaseException, updates: list[RequestUpdate]) -> None:
         logger.error("request %d failed: %r", request.request_id, exc)
@@ -154,13 +219,13 @@ class Engine:
         self.finish_request(request.request_id, FinishReason.ERROR, message)
         updates.append(RequestUpdate(request.request_id, [], True, FinishReason.ERROR, message))
 
-    def _append_token(self, request: LlmRequest, token: int) -> RequestUpdate:
-        request.output_token_ids.append(token)
+    def _check_finish(self, request: LlmRequest, token: int) -> RequestUpdate:
         sampling = request.sampling
+        num_output = request.num_committed_output_tokens
         reason: FinishReason | None = None
         if token in sampling.stop_token_ids or (not sampling.ignore_eos and token in sampling.end_ids):
             reason = FinishReason.STOP
-        elif len(request.output_token_ids) >= sampling.max_tokens or request.num_tokens >= request.max_seq_len:
+        elif num_output >= sampling.max_tokens or request.num_prompt_tokens + num_output >= request.max_seq_len:
             reason = FinishReason.LENGTH
         if reason is not None:
             self.finish_request(request.request_id, reason)
@@ -168,5 +233,6 @@ class Engine:
 
     def shutdown(self) -> None:
         """Finish every request as cancelled and free all blocks."""
+        self._in_flight = None
         for request_id in list(self.requests):
             self.finish_request(request_id, FinishReason.CANCELLED)

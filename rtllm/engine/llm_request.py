@@ -7,6 +7,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+PENDING_TOKEN = -1
+"""Placeholder in ``output_token_ids`` for a token still on the device."""
+
 
 class RequestState(enum.Enum):
     """Lifecycle: WAITING -> RUNNING -> FINISHED (from any state on abort or error)."""
@@ -55,6 +58,9 @@ class LlmRequest:
     sampling: SamplingConfig
     max_seq_len: int
     output_token_ids: list[int] = field(default_factory=list)
+    # Trailing entries of output_token_ids that are placeholders for tokens sampled
+    # on the device but not yet read back (the overlap loop reads them a step later).
+    num_pending_tokens: int = 0
     num_computed_tokens: int = 0
     state: RequestState = RequestState.WAITING
     finish_reason: FinishReason | None = None
@@ -91,7 +97,14 @@ class LlmRequest:
             return self.output_token_ids[start - n : end - n]
         return self.prompt_token_ids[start:] + self.output_token_ids[: end - n]
 
+    @property
+    def num_committed_output_tokens(self) -> int:
+        return len(self.output_token_ids) - self.num_pending_tokens
+
     def finish(self, reason: FinishReason, error: str | None = None) -> None:
+        if self.num_pending_tokens:
+            del self.output_token_ids[-self.num_pending_tokens :]
+            self.num_pending_tokens = 0
         self.state = RequestState.FINISHED
         self.finish_reason = reason
         self.error = error

@@ -23,16 +23,19 @@ class Sampler:
 
     def sample(self, logits: torch.Tensor, requests: list[LlmRequest]) -> list[int]:
         """Sample a token for each row of ``logits`` ``[len(requests), vocab]``."""
-        greedy = [r.sampling.greedy for r in requests]
-        if all(greedy):
-            return logits.argmax(dim=-1).tolist()
+        return self.sample_async(logits, requests).tolist()
+
+    def sample_async(self, logits: torch.Tensor, requests: list[LlmRequest]) -> torch.Tensor:
+        """Like :meth:`sample` but returns the token ids as a device tensor, without
+        waiting for the device: the overlap loop reads them one step later."""
+        if all(r.sampling.greedy for r in requests):
+            return logits.argmax(dim=-1)
         logits = logits.float()
         token_ids = logits.argmax(dim=-1)
-        rows = [i for i, g in enumerate(greedy) if not g]
+        rows = [i for i, r in enumerate(requests) if not r.sampling.greedy]
         index = torch.tensor(rows, device=logits.device)
         sampled = self._sample_rows(logits.index_select(0, index), [requests[i] for i in rows])
-        token_ids.index_copy_(0, index, sampled)
-        return token_ids.tolist()
+        return token_ids.index_copy_(0, index, sampled)
 
     def _sample_rows(self, logits: torch.Tensor, requests: list[LlmRequest]) -> torch.Tensor:
         probs = self.filtered_probs(logits, requests)

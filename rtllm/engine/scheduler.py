@@ -98,6 +98,8 @@ class MicroBatchScheduler:
         generation = [r for r in running if r.num_computed_tokens >= r.num_prompt_tokens]
         context = [r for r in running if r.num_computed_tokens < r.num_prompt_tokens]
         for request in generation:
+            if request.num_tokens >= request.max_total_tokens:
+                continue  # its last token is still on the device (overlap loop); nothing to compute
             if len(scheduled) >= self.max_batch_size or budget < 1:
                 return scheduled
             scheduled.append(ScheduledRequest(request, request.num_tokens - request.num_computed_tokens))

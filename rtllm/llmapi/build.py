@@ -67,7 +67,8 @@ def build_engine(args: LlmArgs) -> BuiltEngine:
     kv_cache = KVCacheManager(num_blocks, kv_config.tokens_per_block)
     scheduler = Scheduler(kv_cache, args.max_batch_size, args.max_num_tokens, args.enable_chunked_prefill)
     limits = EngineLimits(max_seq_len, args.max_num_tokens, config.vocab_size, args.enable_chunked_prefill)
-    engine = Engine(runner, kv_cache, scheduler, Sampler(device, args.seed), limits)
+    overlap = device.type == "cuda" if args.disable_overlap_scheduler is None else not args.disable_overlap_scheduler
+    engine = Engine(runner, kv_cache, scheduler, Sampler(device, args.seed), limits, overlap=overlap)
     end_ids = config.eos_token_ids
     if not end_ids and tokenizer is not None and tokenizer.eos_token_id is not None:
         end_ids = (tokenizer.eos_token_id,)

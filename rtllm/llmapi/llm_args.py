@@ -138,6 +138,9 @@ class LlmArgs:
             (and of the random weights of ``load_format="dummy"``).
         load_format: "auto" reads the checkpoint; "dummy" fills random weights
             (benchmarks of a model shape without its weights).
+        disable_overlap_scheduler: True runs each step to completion before the
+            next is prepared; False overlaps host preparation of step N+1 with the
+            device running step N; None (default) overlaps on CUDA only.
     """
 
     model: str | None = None
@@ -153,6 +156,7 @@ class LlmArgs:
     skip_tokenizer_init: bool = False
     seed: int = 0
     load_format: str = "auto"
+    disable_overlap_scheduler: bool | None = None
 
     def __post_init__(self) -> None:
         if self.load_format not in ("auto", "dummy"):

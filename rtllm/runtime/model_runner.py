@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -18,6 +19,15 @@ from rtllm.models.config import ModelConfig
 from rtllm.runtime.forward_context import ForwardContext, forward_context
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class TokenSources:
+    """Input tokens that are still on the device: ``input_ids[dst[i]] = tokens[src[i]]``."""
+
+    tokens: torch.Tensor
+    dst: list[int]
+    src: list[int]
 
 
 class ModelRunner:
@@ -56,10 +66,17 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(
-        self, scheduled: list[ScheduledRequest], block_table_of: Callable[[int], list[int]]
+        self,
+        scheduled: list[ScheduledRequest],
+        block_table_of: Callable[[int], list[int]],
+        token_sources: TokenSources | None = None,
     ) -> torch.Tensor:
         """Run one forward pass; returns float32 logits ``[num_sampling_requests, vocab]``
-        in the order of the scheduled requests that sample this step."""
+        in the order of the scheduled requests that sample this step.
+
+        ``token_sources`` fills input positions whose token was sampled by the
+        previous, not yet committed, step (overlap loop).
+        """
         input_ids: list[int] = []
         positions: list[int] = []
         query_lens: list[int] = []
@@ -80,6 +97,10 @@ class ModelRunner:
             StepAttentionInputs(query_lens, context_lens, block_tables, self.tokens_per_block, self.device)
         )
         ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
+        if token_sources is not None:
+            dst = torch.tensor(token_sources.dst, dtype=torch.long, device=self.device)
+            src = torch.tensor(token_sources.src, dtype=torch.long, device=self.device)
+            ids.index_copy_(0, dst, token_sources.tokens.index_select(0, src))
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)
         with forward_context(ForwardContext(self.backend, metadata, self.kv_caches)):
             hidden = self.model(ids, pos)

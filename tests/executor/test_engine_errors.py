@@ -342,7 +342,7 @@ def test_failing_request_does_not_hurt_its_batch(llm: LLM, monkeypatch: pytest.M
     gate, entered = threading.Event(), threading.Event()
     batches: list[list[int]] = []
 
-    def execute(scheduled: list[Any], block_table_of: Any) -> torch.Tensor:
+    def execute(scheduled: list[Any], *args: Any) -> torch.Tensor:
         firsts = [item.request.prompt_token_ids[0] for item in scheduled]
         batches.append(firsts)
         if not gate.is_set():
@@ -350,7 +350,7 @@ def test_failing_request_does_not_hurt_its_batch(llm: LLM, monkeypatch: pytest.M
             gate.wait(TIMEOUT)
         if MARKER in firsts:
             raise RuntimeError("injected fault")
-        return original(scheduled, block_table_of)
+        return original(scheduled, *args)
 
     monkeypatch.setattr(runner, "execute", execute)
     a = llm.generate_async(prompts["a"], greedy(n))
@@ -391,14 +391,14 @@ def test_failing_request_does_not_hurt_its_batch(llm: LLM, monkeypatch: pytest.M
 
 def test_failing_sampler_fails_only_the_request(llm: LLM, monkeypatch: pytest.MonkeyPatch) -> None:
     sampler = llm.executor.engine.sampler
-    original = sampler.sample
+    original = sampler.sample_async
 
-    def sample(logits: torch.Tensor, requests: list[Any]) -> list[int]:
+    def sample(logits: torch.Tensor, requests: list[Any]) -> torch.Tensor:
         if any(r.prompt_token_ids[0] == MARKER for r in requests):
             raise ValueError("sampler exploded")
         return original(logits, requests)
 
-    monkeypatch.setattr(sampler, "sample", sample)
+    monkeypatch.setattr(sampler, "sample_async", sample)
     outs = [llm.generate_async(p, greedy(6)) for p in ([MARKER, 9], [15, 16], [MARKER, 8])]
     with pytest.raises(RequestError, match="ValueError: sampler exploded"):
         outs[0].result(timeout=TIMEOUT)
@@ -491,10 +491,10 @@ def test_async_request_error(llm: LLM, monkeypatch: pytest.MonkeyPatch) -> None:
     runner = llm.executor.engine.runner
     original = runner.execute
 
-    def execute(scheduled: list[Any], block_table_of: Any) -> torch.Tensor:
+    def execute(scheduled: list[Any], *args: Any) -> torch.Tensor:
         if any(item.request.prompt_token_ids[0] == MARKER for item in scheduled):
             raise RuntimeError("async fault")
-        return original(scheduled, block_table_of)
+        return original(scheduled, *args)
 
     monkeypatch.setattr(runner, "execute", execute)
 

@@ -304,7 +304,7 @@ class StepHook:
         for _, event in self._gates:
             event.set()
 
-    def _wrapped(self, scheduled: list[ScheduledRequest], block_table_of: Any) -> torch.Tensor:
+    def _wrapped(self, scheduled: list[ScheduledRequest], *args: Any) -> torch.Tensor:
         for i, (predicate, event) in enumerate(self._gates):
             if not event.is_set() and not self.gate_hits[i] and predicate(scheduled):
                 self.gate_hits[i] = True
@@ -320,7 +320,7 @@ class StepHook:
                 for s in scheduled
             ]
         )
-        return self._execute(scheduled, block_table_of)
+        return self._execute(scheduled, *args)
 
 
 def _computed_at_least(
