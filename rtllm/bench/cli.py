@@ -67,7 +67,7 @@ def add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
         "bench", help="benchmark throughput or latency",
         description="Benchmark the engine on a synthetic or JSON-lines dataset.",
     )
-    modes = bench.add_subparsers(dest="bench_mode", required=True, metavar="{throughput,latency}")
+    modes = bench.add_subparsers(dest="bench_mode", required=True, metavar="{throughput,latency,serve}")
     throughput = modes.add_parser(
         "throughput", help="offline throughput: all requests (or --concurrency) in flight",
         description="Submit every request at once (or keep --concurrency in flight) and report "
@@ -81,6 +81,10 @@ def add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     _add_bench_args(latency, with_concurrency=False)
     latency.set_defaults(func=run_bench)
+
+    from rtllm.bench.serving import add_serving_parser
+
+    add_serving_parser(modes)
     return bench
 
 

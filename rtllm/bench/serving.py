@@ -26,16 +26,7 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
-_WORDS = (
-    "the of and to in is was for on that with as by at from his her they this have had are not "
-    "but be or an which one you were all we she there been their has would when who will more no "
-    "if out so said what up its about into than them can only other new some could time these two "
-    "may then do first any my now such like our over man me even most made after also did many "
-    "before must through back years where much your way well down should because each just those "
-    "people how too little state good very make world still own see men work long get here between "
-    "both life being under never day same another know while last might us great old year off come "
-    "since against go came right used take three"
-).split()
+_WORDS = ["the", "of", "and", "to", "in", "is", "was", "for", "on", "that", "with", "as", "by", "at", "from", "his", "her", "they", "this", "have", "had", "are", "not", "but", "be", "or", "an", "which", "one", "you", "were", "all", "we", "she", "there", "been", "their", "has", "would", "when", "who", "will", "more", "no", "if", "out", "so", "said", "what", "up", "its", "about", "into", "than", "them", "can", "only", "other", "new", "some", "could", "time", "these", "two", "may", "then", "do", "first", "any", "my", "now", "such", "like", "our", "over", "man", "me", "even", "most", "made", "after", "also", "did", "many", "before", "must", "through", "back", "years", "where", "much", "your", "way", "well", "down", "should", "because", "each", "just", "those", "people", "how", "too", "little", "state", "good", "very", "make", "world", "still", "own", "see", "men", "work", "long", "get", "here", "between", "both", "life", "being", "under", "never", "day", "same", "another", "know", "while", "last", "might", "us", "great", "old", "year", "off", "come", "since", "against", "go", "came", "right", "used", "take", "three"]
 
 
 @dataclass(slots=True)
@@ -157,9 +148,13 @@ async def run_benchmark(
     async with httpx.AsyncClient(timeout=httpx.Timeout(args.timeout), limits=limits, transport=transport) as client:
         model = args.model
         if model is None:
-            response = await client.get(f"{base}/v1/models", headers=headers)
-            response.raise_for_status()
-            model = response.json()["data"][0]["id"]
+            try:
+                response = await client.get(f"{base}/v1/models", headers=headers)
+                response.raise_for_status()
+                model = str(response.json()["data"][0]["id"])
+            except (httpx.HTTPError, ValueError, KeyError, IndexError) as exc:
+                raise ValueError(f"could not get the model name from {base}/v1/models ({exc}); "
+                                 "pass --model") from None
         url = f"{base}{args.endpoint}"
         semaphore = asyncio.Semaphore(args.max_concurrency) if args.max_concurrency else None
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 
 from rtllm.engine.llm_request import LlmRequest
+from rtllm.kernels.sampling import filtered_probs
+from rtllm.runtime.transfer import to_device
 
 
 class Sampler:
@@ -33,7 +35,7 @@ class Sampler:
         logits = logits.float()
         token_ids = logits.argmax(dim=-1)
         rows = [i for i, r in enumerate(requests) if not r.sampling.greedy]
-        index = torch.tensor(rows, device=logits.device)
+        index = to_device(rows, torch.long, logits.device)
         sampled = self._sample_rows(logits.index_select(0, index), [requests[i] for i in rows])
         return token_ids.index_copy_(0, index, sampled)
 
@@ -55,22 +57,13 @@ class Sampler:
     def filtered_probs(logits: torch.Tensor, requests: list[LlmRequest]) -> torch.Tensor:
         """Probabilities after temperature, top-k and top-p (zero outside the allowed set)."""
         device = logits.device
-        temperature = torch.tensor([r.sampling.temperature for r in requests], device=device)
-        logits = logits / temperature.clamp(min=1e-6).unsqueeze(1)
         vocab = logits.shape[-1]
-        top_k = [r.sampling.top_k if 0 < r.sampling.top_k < vocab else vocab for r in requests]
+        top_k = [r.sampling.top_k for r in requests]
         top_p = [r.sampling.top_p for r in requests]
-        if min(top_k) < vocab or min(top_p) < 1.0:
-            sorted_logits, order = logits.sort(dim=-1, descending=True)
-            ranks = torch.arange(vocab, device=device).unsqueeze(0)
-            drop = ranks >= torch.tensor(top_k, device=device).unsqueeze(1)
-            if min(top_p) < 1.0:
-                sorted_probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(dim=-1)
-                mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
-                # Keep the smallest prefix whose mass reaches top_p (always >= 1 token).
-                # Rows with top_p == 1 are left alone: float32 cumsum can reach 1.0 early.
-                top_p_t = torch.tensor(top_p, device=device).unsqueeze(1)
-                drop |= (mass_before >= top_p_t) & (top_p_t < 1.0)
-            sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-            logits = torch.empty_like(logits).scatter_(1, order, sorted_logits)
-        return logits.softmax(dim=-1)
+        return filtered_probs(
+            logits,
+            to_device([r.sampling.temperature for r in requests], torch.float32, device),
+            to_device(top_k, torch.long, device),
+            to_device(top_p, torch.float32, device),
+            apply_filters=any(0 < k < vocab for k in top_k) or min(top_p) < 1.0,
+        )

@@ -1,4 +1,9 @@
-"""Rotary position embedding (Hugging Face's rotate-half layout), with Llama 3 scaling."""
+"""Rotary position embedding (Hugging Face's rotate-half layout), with Llama 3 scaling.
+
+On CUDA (when Triton imports) q and k are rotated by one launch of the Triton kernel
+of :mod:`rtllm.kernels.rotary` (float32 math, reading the float32 cos/sin caches
+directly); elsewhere the PyTorch code below, whose numerics match Hugging Face's.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,12 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from rtllm.kernels import fused_kernel
+
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
 
 
 def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict[str, Any]) -> torch.Tensor:
@@ -55,12 +66,29 @@ class RotaryEmbedding(nn.Module):
         self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Rotate ``query`` ``[T, H, D]`` and ``key`` ``[T, Hkv, D]`` at ``positions`` ``[T]``."""
+        if self._use_kernel(positions, query, key):
+            kernel = fused_kernel("rotary", "rotary_embedding")
+            if kernel is not None:
+                return kernel(positions, query, key, self.cos_cached, self.sin_cached)
         if positions is not self._last_positions or self._last_cos_sin is None:
             cos = self.cos_cached.index_select(0, positions).to(query.dtype).unsqueeze(1)
             sin = self.sin_cached.index_select(0, positions).to(query.dtype).unsqueeze(1)
             self._last_positions, self._last_cos_sin = positions, (cos, sin)
         cos, sin = self._last_cos_sin
         return _rotate(query, cos, sin), _rotate(key, cos, sin)
+
+    def _use_kernel(self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor) -> bool:
+        return (
+            query.is_cuda
+            and self.cos_cached.is_cuda
+            and query.dim() == 3
+            and key.dim() == 3
+            and query.dtype in _KERNEL_DTYPES
+            and key.dtype == query.dtype
+            and query.stride(-1) == 1
+            and key.stride(-1) == 1
+            and positions.dtype in (torch.int32, torch.int64)
+        )
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -14,8 +14,9 @@ from rtllm.engine.sampler import Sampler
 from rtllm.engine.scheduler import Scheduler
 from rtllm.llmapi.llm_args import LlmArgs, resolve_dtype
 from rtllm.models.config import ModelConfig
-from rtllm.models.loader import build_model, load_model_config
-from rtllm.runtime.memory import num_kv_blocks
+from rtllm.models.loader import build_model, estimate_weight_bytes, load_model_config
+from rtllm.runtime.cuda_graph import CudaGraphRunner, default_graph_batch_sizes
+from rtllm.runtime.memory import MemoryPlan, check_weights_fit, num_kv_blocks
 from rtllm.runtime.model_runner import ModelRunner
 
 logger = logging.getLogger(__name__)
@@ -60,11 +61,18 @@ def build_engine(args: LlmArgs) -> BuiltEngine:
         from rtllm.llmapi.tokenizer import load_tokenizer
 
         tokenizer = load_tokenizer(path, args.tokenizer)
+    check_weights_fit(estimate_weight_bytes(config, dtype), device)
     model = build_model(path, config, dtype, device, args.load_format, args.seed)
-    kv_config = args.kv_cache_config
-    num_blocks = num_kv_blocks(config, kv_config, dtype, device, max_seq_len, args.max_batch_size)
-    runner = ModelRunner(model, config, dtype, device, num_blocks, kv_config.tokens_per_block)
-    kv_cache = KVCacheManager(num_blocks, kv_config.tokens_per_block)
+    backend = "triton" if device.type == "cuda" else "torch"
+    runner = ModelRunner(model, config, dtype, device, args.kv_cache_config.tokens_per_block, backend)
+    graph_sizes = _graph_batch_sizes(args, device)
+    num_blocks = _plan_kv_cache(runner, args, config, dtype, device, max_seq_len, graph_sizes)
+    runner.allocate_kv_cache(num_blocks)
+    if graph_sizes:
+        enable_padding = args.cuda_graph_config.enable_padding
+        runner.graphs = CudaGraphRunner(runner, graph_sizes, max_seq_len, enable_padding)
+        runner.graphs.capture()
+    kv_cache = KVCacheManager(num_blocks, args.kv_cache_config.tokens_per_block)
     scheduler = Scheduler(kv_cache, args.max_batch_size, args.max_num_tokens, args.enable_chunked_prefill)
     limits = EngineLimits(max_seq_len, args.max_num_tokens, config.vocab_size, args.enable_chunked_prefill)
     overlap = device.type == "cuda" if args.disable_overlap_scheduler is None else not args.disable_overlap_scheduler
@@ -73,3 +81,38 @@ def build_engine(args: LlmArgs) -> BuiltEngine:
     if not end_ids and tokenizer is not None and tokenizer.eos_token_id is not None:
         end_ids = (tokenizer.eos_token_id,)
     return BuiltEngine(engine, config, path, tokenizer, end_ids, dtype, device)
+
+
+def _graph_batch_sizes(args: LlmArgs, device: torch.device) -> list[int]:
+    graph_config = args.cuda_graph_config
+    if device.type != "cuda" or graph_config is None:
+        return []
+    if graph_config.batch_sizes is not None:
+        return [s for s in graph_config.batch_sizes if s <= args.max_batch_size]
+    return default_graph_batch_sizes(min(graph_config.max_batch_size, args.max_batch_size))
+
+
+def _plan_kv_cache(
+    runner: ModelRunner,
+    args: LlmArgs,
+    config: ModelConfig,
+    dtype: torch.dtype,
+    device: torch.device,
+    max_seq_len: int,
+    graph_sizes: list[int],
+) -> int:
+    """Size the KV pool; on CUDA after profiling activations (and graph memory)."""
+    kv_config = args.kv_cache_config
+    if device.type != "cuda":
+        return num_kv_blocks(config, kv_config, dtype, device, max_seq_len, args.max_batch_size)
+    weights = torch.cuda.memory_allocated(device)
+    activations = runner.profile_peak_memory(args.max_num_tokens, max_seq_len)
+    # Graph capture keeps the activations of its largest batch in a private pool.
+    graphs = runner.profile_peak_memory(max(graph_sizes), max_seq_len) if graph_sizes else 0
+    num_blocks = num_kv_blocks(
+        config, kv_config, dtype, device, max_seq_len, args.max_batch_size, reserved_bytes=activations + graphs
+    )
+    per_block = config.kv_bytes_per_token * kv_config.tokens_per_block * dtype.itemsize
+    plan = MemoryPlan(weights, activations, graphs, num_blocks * per_block, num_blocks)
+    logger.info("memory plan: %s", plan.describe())
+    return num_blocks

@@ -89,6 +89,33 @@ class SchedulerConfig:
             )
 
 
+@dataclass(frozen=True, slots=True)
+class CudaGraphConfig:
+    """CUDA graphs for generation steps (used on CUDA only).
+
+    Attributes:
+        batch_sizes: Batch sizes to capture; None derives them from ``max_batch_size``
+            (1, 2, 4, 8, then steps of 8, 16 and 32).
+        max_batch_size: Largest batch size captured when ``batch_sizes`` is None.
+        enable_padding: Pad a batch up to the next captured size (otherwise only
+            exactly captured sizes replay).
+    """
+
+    batch_sizes: tuple[int, ...] | None = None
+    max_batch_size: int = 256
+    enable_padding: bool = True
+
+    def __post_init__(self) -> None:
+        _check_positive_int("max_batch_size", self.max_batch_size)
+        if self.batch_sizes is not None:
+            sizes = tuple(self.batch_sizes)
+            for size in sizes:
+                _check_positive_int("batch_sizes entries", size)
+            if not sizes:
+                raise ValueError("batch_sizes must not be empty (use cuda_graph_config=None to disable graphs)")
+            object.__setattr__(self, "batch_sizes", tuple(sorted(set(sizes))))
+
+
 _DTYPES = {
     "float32": torch.float32,
     "float": torch.float32,
@@ -138,6 +165,7 @@ class LlmArgs:
             (and of the random weights of ``load_format="dummy"``).
         load_format: "auto" reads the checkpoint; "dummy" fills random weights
             (benchmarks of a model shape without its weights).
+        cuda_graph_config: CUDA graphs for generation steps on CUDA; None disables them.
         disable_overlap_scheduler: True runs each step to completion before the
             next is prepared; False overlaps host preparation of step N+1 with the
             device running step N; None (default) overlaps on CUDA only.
@@ -156,9 +184,14 @@ class LlmArgs:
     skip_tokenizer_init: bool = False
     seed: int = 0
     load_format: str = "auto"
+    cuda_graph_config: CudaGraphConfig | None = field(default_factory=CudaGraphConfig)
     disable_overlap_scheduler: bool | None = None
 
     def __post_init__(self) -> None:
+        if self.cuda_graph_config is not None and not isinstance(self.cuda_graph_config, CudaGraphConfig):
+            raise ValueError(
+                f"cuda_graph_config must be a CudaGraphConfig or None, got {type(self.cuda_graph_config).__name__}"
+            )
         if self.load_format not in ("auto", "dummy"):
             raise ValueError(f"load_format must be 'auto' or 'dummy', got {self.load_format!r}")
         _check_positive_int("max_batch_size", self.max_batch_size)

@@ -135,6 +135,13 @@ def _expected_loads(
     return expected
 
 
+def estimate_weight_bytes(config: ModelConfig, dtype: torch.dtype) -> int:
+    """Bytes of the model's parameters in ``dtype``, counted without allocating them."""
+    with torch.device("meta"):
+        model = resolve_model_class(config)(config)
+    return sum(p.numel() for p in model.parameters()) * dtype.itemsize
+
+
 def build_model(
     model_path: str,
     config: ModelConfig,

@@ -1,8 +1,9 @@
-"""Sizes the KV block pool."""
+"""Memory planning: weights, activations, CUDA graphs and the KV block pool."""
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 
@@ -13,11 +14,42 @@ logger = logging.getLogger(__name__)
 
 # On CPU there is no "free device memory" to share out; the pool is capped here.
 CPU_KV_CACHE_BYTES = 2**30
+GiB = 2**30
 
 
 def kv_bytes_per_block(config: ModelConfig, tokens_per_block: int, dtype: torch.dtype) -> int:
     """Bytes one KV block takes over all layers."""
     return config.kv_bytes_per_token * tokens_per_block * torch.empty((), dtype=dtype).element_size()
+
+
+@dataclass(frozen=True, slots=True)
+class MemoryPlan:
+    """What the GPU memory is spent on (bytes)."""
+
+    weights: int
+    activations: int
+    cuda_graphs: int
+    kv_cache: int
+    num_blocks: int
+
+    def describe(self) -> str:
+        return (
+            f"weights {self.weights / GiB:.2f} GiB, activations {self.activations / GiB:.2f} GiB, "
+            f"CUDA graphs (reserved) {self.cuda_graphs / GiB:.2f} GiB, KV cache {self.kv_cache / GiB:.2f} GiB "
+            f"({self.num_blocks} blocks)"
+        )
+
+
+def check_weights_fit(num_weight_bytes: int, device: torch.device) -> None:
+    """Raise a clear error before loading a model that cannot fit on ``device``."""
+    if device.type != "cuda":
+        return
+    free, total = torch.cuda.mem_get_info(device)
+    if num_weight_bytes > free:
+        raise ValueError(
+            f"the model's weights need {num_weight_bytes / GiB:.2f} GiB but only {free / GiB:.2f} GiB of "
+            f"{total / GiB:.2f} GiB GPU memory is free on {device}; use a smaller model or dtype"
+        )
 
 
 def num_kv_blocks(
@@ -27,13 +59,15 @@ def num_kv_blocks(
     device: torch.device,
     max_seq_len: int,
     max_batch_size: int,
+    reserved_bytes: int = 0,
 ) -> int:
     """Number of KV blocks to allocate.
 
     ``kv_config.max_tokens`` wins when given; otherwise on CUDA the pool takes
-    ``free_gpu_memory_fraction`` of the free memory, and on CPU enough for
-    ``max_batch_size`` full sequences capped at :data:`CPU_KV_CACHE_BYTES`.
-    Raises if not even one sequence of ``max_seq_len`` tokens fits.
+    ``free_gpu_memory_fraction`` of the free memory left after ``reserved_bytes``
+    (activations and CUDA graphs), and on CPU enough for ``max_batch_size`` full
+    sequences capped at :data:`CPU_KV_CACHE_BYTES`. Raises if not even one
+    sequence of ``max_seq_len`` tokens fits.
     """
     tokens_per_block = kv_config.tokens_per_block
     per_block = kv_bytes_per_block(config, tokens_per_block, dtype)
@@ -42,7 +76,7 @@ def num_kv_blocks(
         num_blocks = -(-kv_config.max_tokens // tokens_per_block)
     elif device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        num_blocks = int(free * kv_config.free_gpu_memory_fraction) // per_block
+        num_blocks = int(max(0, free - reserved_bytes) * kv_config.free_gpu_memory_fraction) // per_block
     else:
         wanted = -(-max_batch_size * max_seq_len // tokens_per_block)
         num_blocks = max(min_blocks, min(wanted, CPU_KV_CACHE_BYTES // per_block))

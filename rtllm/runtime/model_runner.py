@@ -1,7 +1,8 @@
 """Runs one scheduled step on the model: batch assembly, attention metadata, forward.
 
 The runner executes; it never decides. It owns the KV cache tensors, whose
-blocks the engine's KV cache manager hands out.
+blocks the engine's KV cache manager hands out, and (on CUDA) the captured CUDA
+graphs that replay generation steps.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from rtllm.engine.llm_request import LlmRequest, SamplingConfig
 from rtllm.engine.scheduler import ScheduledRequest
 from rtllm.layers.attention_backends import StepAttentionInputs, get_attention_backend
 from rtllm.models.config import ModelConfig
@@ -30,8 +32,23 @@ class TokenSources:
     src: list[int]
 
 
+@dataclass(slots=True)
+class StepInputs:
+    """Host-side description of one step, as the runner assembles it."""
+
+    input_ids: list[int]
+    positions: list[int]
+    attention: StepAttentionInputs
+    logits_indices: list[int]
+
+    @property
+    def is_generation_only(self) -> bool:
+        """Every sequence computes exactly one token and samples it."""
+        return len(self.logits_indices) == len(self.input_ids) == len(self.attention.query_lens)
+
+
 class ModelRunner:
-    """Executes packed steps of ``model`` over a paged KV cache of ``num_blocks`` blocks."""
+    """Executes packed steps of ``model`` over a paged KV cache."""
 
     def __init__(
         self,
@@ -39,7 +56,6 @@ class ModelRunner:
         config: ModelConfig,
         dtype: torch.dtype,
         device: torch.device,
-        num_blocks: int,
         tokens_per_block: int,
         attention_backend: str = "torch",
     ) -> None:
@@ -48,35 +64,35 @@ class ModelRunner:
         self.dtype = dtype
         self.device = device
         self.tokens_per_block = tokens_per_block
-        self.num_blocks = num_blocks
         self.backend = get_attention_backend(attention_backend)
-        shape = (2, num_blocks, tokens_per_block, config.num_key_value_heads, config.head_dim)
+        self.kv_caches: list[torch.Tensor] = []
+        self.num_blocks = 0
+        self.graphs = None  # a CudaGraphRunner once captured
+
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        """Allocate the KV pool: one ``[2, num_blocks, tokens_per_block, kv_heads, head_dim]``
+        tensor per layer."""
+        config = self.config
+        shape = (2, num_blocks, self.tokens_per_block, config.num_key_value_heads, config.head_dim)
         # Zeroed, not empty: attention backends may read whole blocks past a sequence's
         # end (masked out), and never-written memory could hold NaN, which a zero
         # attention weight does not cancel (0 * NaN = NaN).
         self.kv_caches = [
-            torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)
+            torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(config.num_hidden_layers)
         ]
+        self.num_blocks = num_blocks
         logger.info(
-            "KV cache: %d blocks x %d tokens, %.1f MiB",
+            "KV cache: %d blocks x %d tokens = %d tokens, %.1f MiB",
             num_blocks,
-            tokens_per_block,
+            self.tokens_per_block,
+            num_blocks * self.tokens_per_block,
             sum(t.numel() * t.element_size() for t in self.kv_caches) / 2**20,
         )
 
-    @torch.inference_mode()
-    def execute(
-        self,
-        scheduled: list[ScheduledRequest],
-        block_table_of: Callable[[int], list[int]],
-        token_sources: TokenSources | None = None,
-    ) -> torch.Tensor:
-        """Run one forward pass; returns float32 logits ``[num_sampling_requests, vocab]``
-        in the order of the scheduled requests that sample this step.
-
-        ``token_sources`` fills input positions whose token was sampled by the
-        previous, not yet committed, step (overlap loop).
-        """
+    def assemble(
+        self, scheduled: list[ScheduledRequest], block_table_of: Callable[[int], list[int]]
+    ) -> StepInputs:
+        """Pack the scheduled requests' new tokens into one step."""
         input_ids: list[int] = []
         positions: list[int] = []
         query_lens: list[int] = []
@@ -93,19 +109,73 @@ class ModelRunner:
             block_tables.append(block_table_of(request.request_id))
             if item.samples:
                 logits_indices.append(len(input_ids) - 1)
-        metadata = self.backend.build_metadata(
-            StepAttentionInputs(query_lens, context_lens, block_tables, self.tokens_per_block, self.device)
-        )
-        ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
+        attention = StepAttentionInputs(query_lens, context_lens, block_tables, self.tokens_per_block, self.device)
+        return StepInputs(input_ids, positions, attention, logits_indices)
+
+    @torch.inference_mode()
+    def execute(
+        self,
+        scheduled: list[ScheduledRequest],
+        block_table_of: Callable[[int], list[int]],
+        token_sources: TokenSources | None = None,
+    ) -> torch.Tensor:
+        """Run one forward pass; returns float32 logits ``[num_sampling_requests, vocab]``
+        in the order of the scheduled requests that sample this step.
+
+        ``token_sources`` fills input positions whose token was sampled by the
+        previous, not yet committed, step (overlap loop).
+        """
+        step = self.assemble(scheduled, block_table_of)
+        if self.graphs is not None and step.is_generation_only and self.graphs.can_run(len(step.input_ids)):
+            return self.graphs.run(step, token_sources)
+        ids = torch.tensor(step.input_ids, dtype=torch.long, device=self.device)
         if token_sources is not None:
-            dst = torch.tensor(token_sources.dst, dtype=torch.long, device=self.device)
-            src = torch.tensor(token_sources.src, dtype=torch.long, device=self.device)
-            ids.index_copy_(0, dst, token_sources.tokens.index_select(0, src))
-        pos = torch.tensor(positions, dtype=torch.long, device=self.device)
+            apply_token_sources(ids, token_sources)
+        pos = torch.tensor(step.positions, dtype=torch.long, device=self.device)
+        metadata = self.backend.build_metadata(step.attention)
         with forward_context(ForwardContext(self.backend, metadata, self.kv_caches)):
             hidden = self.model(ids, pos)
-        if not logits_indices:
+        if not step.logits_indices:
             return hidden.new_empty((0, self.config.vocab_size), dtype=torch.float32)
-        if len(logits_indices) < hidden.shape[0]:
-            hidden = hidden[torch.tensor(logits_indices, device=self.device)]
+        if len(step.logits_indices) < hidden.shape[0]:
+            hidden = hidden.index_select(0, torch.tensor(step.logits_indices, device=self.device))
         return self.model.compute_logits(hidden).float()
+
+    @torch.inference_mode()
+    def profile_peak_memory(self, num_tokens: int, max_seq_len: int) -> int:
+        """Bytes of activation memory a ``num_tokens`` context step takes (CUDA only).
+
+        Runs one forward pass over dummy prompts of up to ``max_seq_len`` tokens
+        against a temporary KV pool just large enough, then frees it.
+        """
+        lengths = [max_seq_len] * (num_tokens // max_seq_len)
+        if num_tokens % max_seq_len:
+            lengths.append(num_tokens % max_seq_len)
+        blocks_per_seq = [-(-n // self.tokens_per_block) for n in lengths]
+        saved = self.kv_caches, self.num_blocks
+        self.allocate_kv_cache(sum(blocks_per_seq))
+        tables: dict[int, list[int]] = {}
+        scheduled: list[ScheduledRequest] = []
+        next_block = 0
+        for i, (length, num_blocks) in enumerate(zip(lengths, blocks_per_seq, strict=True)):
+            tables[i] = list(range(next_block, next_block + num_blocks))
+            next_block += num_blocks
+            request = LlmRequest(i, [0] * length, SamplingConfig(max_tokens=1), max_seq_len)
+            scheduled.append(ScheduledRequest(request, length))
+        torch.cuda.synchronize(self.device)
+        kv_bytes = torch.cuda.memory_allocated(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self.execute(scheduled, tables.__getitem__)
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device) - kv_bytes
+        self.kv_caches, self.num_blocks = saved
+        torch.cuda.empty_cache()
+        return peak
+
+
+def apply_token_sources(input_ids: torch.Tensor, sources: TokenSources) -> None:
+    """Copy device-resident sampled tokens into ``input_ids`` (no host round trip)."""
+    device = input_ids.device
+    dst = torch.tensor(sources.dst, dtype=torch.long, device=device)
+    src = torch.tensor(sources.src, dtype=torch.long, device=device)
+    input_ids.index_copy_(0, dst, sources.tokens.index_select(0, src).to(input_ids.dtype))

@@ -12,7 +12,10 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from rtllm.serve.app import build_app
 
-__all__ = ["build_app"]
+__all__ = ["DEFAULT_STALL_TIMEOUT_S", "build_app"]
+
+DEFAULT_STALL_TIMEOUT_S = 60.0
+"""``/health`` answers 503 once the engine has not finished a step for this long with work queued."""
 
 
 def __getattr__(name: str) -> Any:

@@ -55,6 +55,21 @@ def unsupported(param: str, what: str | None = None) -> OpenAIError:
     )
 
 
+_TYPE_TAGS = {"str", "int", "float", "bool", "none", "list", "dict", "model", "any"}
+
+
+def _is_union_tag(part: int | str) -> bool:
+    # pydantic puts the member type of a union ("str", "list[str]") into an error's loc.
+    return isinstance(part, str) and ("[" in part or part in _TYPE_TAGS or part.startswith("function-"))
+
+
+def _split_loc(loc: tuple[int | str, ...]) -> tuple[tuple[int | str, ...], str | None]:
+    for i, part in enumerate(loc):
+        if _is_union_tag(part):
+            return loc[:i], str(part)
+    return loc, None
+
+
 def _loc_to_param(loc: tuple[int | str, ...]) -> str:
     param = ""
     for part in loc:
@@ -65,22 +80,30 @@ def _loc_to_param(loc: tuple[int | str, ...]) -> str:
     return param
 
 
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 def from_validation_error(exc: ValidationError) -> OpenAIError:
     """Turn pydantic's first error into a 400 naming the parameter."""
-    err = exc.errors(include_url=False)[0]
+    errors = exc.errors(include_url=False)
+    err = errors[0]
     kind = err["type"]
     if kind == "json_invalid":
         return invalid(f"request body is not valid JSON: {err['msg']}", code="invalid_json")
     if kind in ("model_type", "model_attributes_type", "dict_type") and not err["loc"]:
         return invalid("request body must be a JSON object", code="invalid_json")
-    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+    loc, tag = _split_loc(tuple(err["loc"]))
     param = _loc_to_param(loc)
     if kind == "extra_forbidden":
         return invalid(f"Unrecognized request argument supplied: {param}", param=param,
                        code="unrecognized_argument")
     if kind == "missing":
         return invalid(f"'{param}' is a required parameter", param=param, code="missing_required_parameter")
-    given = err.get("input")
-    shown = repr(given) if len(repr(given)) <= 80 else repr(given)[:77] + "..."
-    return invalid(f"invalid value for '{param}': {err['msg']} (got {shown})", param=param,
+    if tag is not None:  # a union: name every accepted type
+        tags = list(dict.fromkeys(t for e in errors for p, t in [_split_loc(tuple(e["loc"]))] if p == loc and t))
+        return invalid(f"invalid value for '{param}': expected {' or '.join(tags)} (got {_shown(err.get('input'))})",
+                       param=param, code="invalid_type")
+    return invalid(f"invalid value for '{param}': {err['msg']} (got {_shown(err.get('input'))})", param=param,
                    code="invalid_type" if kind.endswith("_type") else "invalid_value")

@@ -1,0 +1,90 @@
+"""``rtllm serve``: arguments, --config YAML merging and the app it runs."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+import pytest
+from serve_helpers import call
+
+from rtllm import KvCacheConfig
+from rtllm.serve.cli import add_serve_parser, llm_kwargs, run_serve, served_model_name
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="rtllm")
+    add_serve_parser(parser.add_subparsers(dest="command", required=True))
+    return parser.parse_args(["serve", *argv])
+
+
+def test_help_lists_the_engine_options(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        parse("--help")
+    out = capsys.readouterr().out
+    for option in ("MODEL", "--host", "--port", "--max-batch-size", "--max-num-tokens", "--max-seq-len",
+                   "--kv-cache-free-gpu-memory-fraction", "--config", "--extra-llm-api-options",
+                   "--served-model-name"):
+        assert option in out
+
+
+def test_defaults() -> None:
+    args = parse()
+    assert (args.host, args.port, args.model) == ("127.0.0.1", 8000, None)
+    assert args.func is run_serve
+    kwargs = llm_kwargs(args)
+    assert kwargs == {"kv_cache_config": KvCacheConfig()}
+    assert served_model_name(args, kwargs) == "SmolLM2-135M-Instruct"
+
+
+def test_config_yaml_then_command_line(tmp_path: Any) -> None:
+    config = tmp_path / "llm.yaml"
+    config.write_text(
+        "max_batch_size: 8\nmax_num_tokens: 1024\ndtype: float32\n"
+        "kv_cache_config:\n  tokens_per_block: 16\n  free_gpu_memory_fraction: 0.5\n"
+        "scheduler_config:\n  capacity_scheduler_policy: GUARANTEED_NO_EVICT\n",
+        encoding="utf-8",
+    )
+    args = parse("some/model", "--config", str(config), "--max-batch-size", "4", "--max-seq-len", "300",
+                 "--kv-cache-free-gpu-memory-fraction", "0.7", "--enable-chunked-prefill")
+    kwargs = llm_kwargs(args)
+    assert kwargs["model"] == "some/model"
+    assert kwargs["max_batch_size"] == 4 and kwargs["max_num_tokens"] == 1024 and kwargs["max_seq_len"] == 300
+    assert kwargs["dtype"] == "float32" and kwargs["enable_chunked_prefill"] is True
+    assert kwargs["kv_cache_config"] == KvCacheConfig(tokens_per_block=16, free_gpu_memory_fraction=0.7)
+    assert kwargs["scheduler_config"].capacity_scheduler_policy == "GUARANTEED_NO_EVICT"
+    assert served_model_name(args, kwargs) == "some/model"
+    assert served_model_name(parse("m", "--served-model-name", "alias"), kwargs) == "alias"
+
+
+@pytest.mark.parametrize(("text", "match"), [("- 1\n- 2\n", "mapping"), ("kv_cache_config: 3\n", "mapping"),
+                                             ("kv_cache_config:\n  bogus: 1\n", "bogus")])
+def test_bad_config(tmp_path: Any, text: str, match: str) -> None:
+    config = tmp_path / "bad.yaml"
+    config.write_text(text, encoding="utf-8")
+    with pytest.raises(ValueError, match=match):
+        llm_kwargs(parse("--config", str(config)))
+    with pytest.raises(FileNotFoundError):
+        llm_kwargs(parse("--config", str(tmp_path / "missing.yaml")))
+
+
+def test_run_serve_builds_one_engine_and_serves_it(model_dir: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import uvicorn
+
+    served: dict[str, Any] = {}
+
+    def fake_run(app: Any, **kwargs: Any) -> None:  # instead of listening on a port
+        served.update(kwargs)
+        served["health"] = call(app, "GET", "/health").status_code
+        served["models"] = call(app, "GET", "/v1/models").json()
+        served["completion"] = call(app, "POST", "/v1/completions", json={"prompt": "Hello", "max_tokens": 3,
+                                                                         "ignore_eos": True}).json()
+
+    monkeypatch.setattr(uvicorn, "run", fake_run)
+    args = parse(model_dir, "--device", "cpu", "--port", "8123", "--max-batch-size", "2", "--max-seq-len", "128",
+                 "--kv-cache-max-tokens", "512", "--tokens-per-block", "8")
+    assert run_serve(args) == 0
+    assert served["host"] == "127.0.0.1" and served["port"] == 8123
+    assert served["health"] == 200
+    assert served["models"]["data"][0]["id"] == model_dir and served["models"]["data"][0]["max_model_len"] == 128
+    assert served["completion"]["usage"]["completion_tokens"] == 3
