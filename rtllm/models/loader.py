@@ -163,10 +163,10 @@ def build_model(
     finally:
         torch.set_default_dtype(default_dtype)
     if load_format == "dummy":
-        generator = torch.Generator(device="cpu").manual_seed(seed)
+        # Random values drawn on the model's device (fast for multi-GB models), seeded.
+        generator = torch.Generator(device=device).manual_seed(seed)
         for param in model.parameters():
-            values = torch.empty(param.shape, dtype=torch.float32).uniform_(-0.05, 0.05, generator=generator)
-            param.data.copy_(values)
+            param.data.uniform_(-0.05, 0.05, generator=generator)
     elif is_gguf(model_path):
         from rtllm.models.gguf_loader import iter_gguf_weights
 
