@@ -24,6 +24,88 @@ _LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _load_tile(ptrs, n_mask, d_mask, MASK_N: tl.constexpr, MASK_D: tl.constexpr):
+    """Load a [BLOCK_N, BLOCK_D] tile, masking only the dimensions that can overhang."""
+    if MASK_N:
+        if MASK_D:
+            x = tl.load(ptrs, mask=n_mask[:, None] & d_mask[None, :], other=0.0)
+        else:
+            x = tl.load(ptrs, mask=n_mask[:, None], other=0.0)
+    elif MASK_D:
+        x = tl.load(ptrs, mask=d_mask[None, :], other=0.0)
+    else:
+        x = tl.load(ptrs)
+    return x
+
+
+@triton.jit
+def _attend_tile(
+    q,
+    m_i,
+    l_i,
+    acc,
+    start_n,
+    q_pos,
+    seq_len,
+    sliding_window,
+    table_row,
+    k_cache_ptr,
+    v_cache_ptr,
+    kv_head,
+    scale_log2e,
+    stride_c_block,
+    stride_c_tok,
+    stride_c_head,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    TOKENS_PER_BLOCK: tl.constexpr,
+    MASKED: tl.constexpr,
+    USE_WINDOW: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """One online-softmax step over keys [start_n, start_n + BLOCK_N).
+
+    MASKED=False is only legal for tiles that every query row may see in full
+    (all keys < seq_len and <= the first row's position, no window).
+    """
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    n_mask = offs_n < seq_len
+    d_mask = offs_d < HEAD_DIM
+    # Per-key gather of the physical block: any BLOCK_N works with any tokens_per_block.
+    if MASKED:
+        block = tl.load(table_row + offs_n // TOKENS_PER_BLOCK, mask=n_mask, other=0)
+    else:
+        block = tl.load(table_row + offs_n // TOKENS_PER_BLOCK)
+    kv_off = (
+        block.to(tl.int64) * stride_c_block
+        + (offs_n % TOKENS_PER_BLOCK) * stride_c_tok
+        + kv_head * stride_c_head
+    )
+    ptrs = kv_off[:, None] + offs_d[None, :]
+    k = _load_tile(k_cache_ptr + ptrs, n_mask, d_mask, MASKED, HEAD_DIM != BLOCK_D)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2e
+    if MASKED:
+        allowed = (offs_n[None, :] <= q_pos[:, None]) & n_mask[None, :]
+        if USE_WINDOW:
+            allowed = allowed & (offs_n[None, :] > q_pos[:, None] - sliding_window)
+        s = tl.where(allowed, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # A row with nothing allowed yet keeps m = -inf; subtract 0 instead to avoid NaN.
+        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_sub = m_new
+    p = tl.math.exp2(s - m_sub[:, None])
+    alpha = tl.math.exp2(m_i - m_sub)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = _load_tile(v_cache_ptr + ptrs, n_mask, d_mask, MASKED, HEAD_DIM != BLOCK_D)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _context_attention_kernel(
     q_ptr,
     k_cache_ptr,
@@ -76,43 +158,41 @@ def _context_attention_kernel(
     )
     q_pos = ctx_len + offs_m  # absolute position of each query row
 
-    # Keys [lo, hi) can be seen by some row of this block: causal upper bound, window lower.
-    hi = tl.minimum(seq_len, ctx_len + m_start + BLOCK_M)
-    lo = 0
-    if USE_WINDOW:
-        lo = tl.maximum(ctx_len + m_start - sliding_window + 1, 0)
-        lo = (lo // BLOCK_N) * BLOCK_N
-
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     table_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
-    for start_n in range(lo, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < seq_len
-        # Per-key gather: any BLOCK_N works with any tokens_per_block.
-        block = tl.load(table_row + offs_n // TOKENS_PER_BLOCK, mask=n_mask, other=0)
-        kv_off = (
-            block.to(tl.int64) * stride_c_block
-            + (offs_n % TOKENS_PER_BLOCK) * stride_c_tok
-            + kv_head * stride_c_head
-        )
-        kv_mask = n_mask[:, None] & d_mask[None, :]
-        k = tl.load(k_cache_ptr + kv_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2e
-        allowed = (offs_n[None, :] <= q_pos[:, None]) & n_mask[None, :]
-        if USE_WINDOW:
-            allowed = allowed & (offs_n[None, :] > q_pos[:, None] - sliding_window)
-        s = tl.where(allowed, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # A row with nothing allowed yet keeps m = -inf; subtract 0 instead to avoid NaN.
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_cache_ptr + kv_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+    # Keys < hi can be seen by some row of this block (causal upper bound).
+    hi = tl.minimum(seq_len, ctx_len + m_start + BLOCK_M)
+    if USE_WINDOW:
+        # Keys >= lo can be seen by some row; every tile needs the window mask.
+        lo = tl.maximum(ctx_len + m_start - sliding_window + 1, 0)
+        lo = (lo // BLOCK_N) * BLOCK_N
+        for start_n in range(lo, hi, BLOCK_N):
+            m_i, l_i, acc = _attend_tile(
+                q, m_i, l_i, acc, start_n, q_pos, seq_len, sliding_window, table_row,
+                k_cache_ptr, v_cache_ptr, kv_head, scale_log2e,
+                stride_c_block, stride_c_tok, stride_c_head,
+                HEAD_DIM, BLOCK_D, BLOCK_N, TOKENS_PER_BLOCK, True, True, DOT_PRECISION,
+            )  # fmt: skip
+    else:
+        # Tiles ending at or before the first row's position + 1 are seen in full by
+        # every row (padded rows included): no mask. The rest straddle the diagonal.
+        full_hi = ((ctx_len + m_start + 1) // BLOCK_N) * BLOCK_N
+        for start_n in range(0, full_hi, BLOCK_N):
+            m_i, l_i, acc = _attend_tile(
+                q, m_i, l_i, acc, start_n, q_pos, seq_len, sliding_window, table_row,
+                k_cache_ptr, v_cache_ptr, kv_head, scale_log2e,
+                stride_c_block, stride_c_tok, stride_c_head,
+                HEAD_DIM, BLOCK_D, BLOCK_N, TOKENS_PER_BLOCK, False, False, DOT_PRECISION,
+            )  # fmt: skip
+        for start_n in range(full_hi, hi, BLOCK_N):
+            m_i, l_i, acc = _attend_tile(
+                q, m_i, l_i, acc, start_n, q_pos, seq_len, sliding_window, table_row,
+                k_cache_ptr, v_cache_ptr, kv_head, scale_log2e,
+                stride_c_block, stride_c_tok, stride_c_head,
+                HEAD_DIM, BLOCK_D, BLOCK_N, TOKENS_PER_BLOCK, True, False, DOT_PRECISION,
+            )  # fmt: skip
 
     # Every real row sees at least itself, so l_i > 0 there; padded rows are not stored.
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
@@ -124,15 +204,17 @@ def _context_attention_kernel(
     )
 
 
-def _default_blocks(head_dim: int, device: torch.device) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps) for this head size."""
+def _default_blocks(head_dim: int, device: torch.device) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for this head size."""
     if device.type != "cuda":
-        return 16, 16, 4  # interpreter: small tiles keep tests quick
+        return 16, 16, 4, 1  # interpreter: small tiles keep tests quick
+    # Picked by a sweep on an H200 (bf16, 32 heads / 8 KV heads, 2k-8k tokens); small
+    # enough in shared memory for pre-Hopper GPUs too.
     if head_dim <= 64:
-        return 128, 64, 4
+        return 64, 64, 4, 2
     if head_dim <= 128:
-        return 128, 64, 8
-    return 64, 32, 4
+        return 64, 64, 4, 3
+    return 64, 32, 4, 2
 
 
 def check_paged_inputs(
@@ -188,6 +270,8 @@ def context_attention(
     out: torch.Tensor | None = None,
     block_m: int | None = None,
     block_n: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
 ) -> torch.Tensor:
     """Causal attention of packed queries over paged keys (context / mixed steps).
 
@@ -202,7 +286,8 @@ def context_attention(
         scale: softmax scale.
         sliding_window: attend to at most this many keys (the query's own included).
         out: optional ``[num_tokens, num_heads, head_dim]`` output buffer.
-        block_m, block_n: tile overrides (tests use small tiles to hit multi-tile paths).
+        block_m, block_n, num_warps, num_stages: tuning overrides (tests use small
+            tiles to reach the multi-tile paths).
 
     Returns:
         ``[num_tokens, num_heads, head_dim]`` in ``query``'s dtype.
@@ -217,7 +302,7 @@ def context_attention(
     batch = seq_lens.shape[0]
     if query.shape[0] == 0 or batch == 0 or max_query_len <= 0:
         return out
-    default_m, default_n, num_warps = _default_blocks(head_dim, query.device)
+    default_m, default_n, default_warps, default_stages = _default_blocks(head_dim, query.device)
     bm, bn = block_m or default_m, block_n or default_n
     window = sliding_window or 0
     grid = (triton.cdiv(max_query_len, bm), num_heads, batch)
@@ -247,8 +332,8 @@ def context_attention(
         BLOCK_N=bn,
         USE_WINDOW=window > 0,
         DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
-        num_warps=num_warps,
-        num_stages=2,
+        num_warps=num_warps or default_warps,
+        num_stages=num_stages or default_stages,
     )
     return out
 

@@ -73,9 +73,7 @@ def _check_kv_inputs(
     if kv_cache.stride(-1) != 1:
         raise ValueError("kv_cache's head_dim must be contiguous (stride 1)")
     if slot_mapping.dim() != 1 or slot_mapping.shape[0] != key.shape[0]:
-        raise ValueError(
-            f"slot_mapping must be [{key.shape[0]}], got {tuple(slot_mapping.shape)}"
-        )
+        raise ValueError(f"slot_mapping must be [{key.shape[0]}], got {tuple(slot_mapping.shape)}")
     if slot_mapping.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"slot_mapping must be int32 or int64, got {slot_mapping.dtype}")
     if not slot_mapping.is_contiguous() or slot_mapping.device != kv_cache.device:

@@ -1,13 +1,7 @@
-"""Kernel tests: on a machine without CUDA, run Triton kernels through its interpreter.
-
-``TRITON_INTERPRET`` is read when ``@triton.jit`` decorates a kernel, so it must be set
-before any ``rtllm.kernels`` module is imported; conftest modules load before test
-modules, which is early enough.
-"""
+"""Kernel test fixtures (the interpreter switch for CPU runs is in ``tests/conftest.py``)."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -15,35 +9,6 @@ import pytest
 import torch
 
 HAS_CUDA = torch.cuda.is_available()
-if not HAS_CUDA:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-
-def patch_triton_interpreter() -> None:
-    """Make Triton 3.6's interpreter work with numpy >= 2.4.
-
-    The interpreter holds scalars as 1-element numpy arrays and converts them with
-    ``int(array)``, which numpy 2.4 rejects, so ``range(lo, hi)`` over runtime bounds
-    fails (triton-lang/triton#9171, fixed upstream after 3.6). Convert with ``.item()``.
-    """
-    try:
-        from triton.runtime import interpreter
-    except ImportError:
-        return
-    original = interpreter._patch_lang_tensor
-    if getattr(original, "_rtllm_patched", False):
-        return
-
-    def patched(tensor: object, scope: object) -> None:
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    patched._rtllm_patched = True  # type: ignore[attr-defined]
-    interpreter._patch_lang_tensor = patched
-
-
-if not HAS_CUDA:
-    patch_triton_interpreter()
 
 
 @dataclass

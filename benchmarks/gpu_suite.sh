@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# One device session: GPU tests, model equivalence on CUDA, rtllm benchmarks and
+# the transformers reference, each logged under $OUT. Run from the repo root:
+#   OUT=/tmp/out bash benchmarks/gpu_suite.sh [tests] [bench] [hf]
+set -u
+export PYTHONUNBUFFERED=1 PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH}
+OUT=${OUT:-/tmp/rtllm_gpu}; mkdir -p "$OUT"
+parts=${*:-tests bench hf}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
+git rev-parse --short HEAD 2>/dev/null || true
+
+if [[ $parts == *tests* ]]; then
+  python3 -m pytest -q -m gpu tests/kernels tests/layers 2>&1 | tail -15 | tee "$OUT/gpu_tests.log"
+  python3 -m pytest -q -x tests/models/test_hf_equivalence.py tests/engine/test_overlap.py 2>&1 | tail -15 | tee "$OUT/equivalence.log"
+fi
+bench() {  # name, args...
+  local name=$1; shift
+  timeout 400 python3 -m rtllm.cli --log-level INFO bench "$@" --no-progress --report-json "$OUT/$name.json" > "$OUT/$name.log" 2>&1
+  echo "== $name (rc $?)"; grep -E "throughput|TTFT|TPOT|peak|memory plan|captured" "$OUT/$name.log" | head -12
+}
+if [[ $parts == *bench* ]]; then
+  bench qwen_bs1 latency --model benchmarks/configs/qwen3-0.6b --load-format dummy --input-len 128 --output-len 256 --num-requests 3 --warmup 1
+  bench llama8b_bs1 latency --model benchmarks/configs/llama3-8b --load-format dummy --input-len 128 --output-len 256 --num-requests 3 --warmup 1
+  bench llama8b_tput throughput --model benchmarks/configs/llama3-8b --load-format dummy --input-len 256 --output-len 256 --num-requests 1000 --warmup 2 --max-batch-size 256
+fi
+if [[ $parts == *hf* ]]; then
+  python3 benchmarks/hf_reference.py .perf/hf_baseline.py bw 8b small 2>&1 | tee "$OUT/hf_reference.log"
+fi
