@@ -107,8 +107,12 @@ def _plan_kv_cache(
         return num_kv_blocks(config, kv_config, dtype, device, max_seq_len, args.max_batch_size)
     weights = torch.cuda.memory_allocated(device)
     activations = runner.profile_peak_memory(args.max_num_tokens, max_seq_len)
-    # Graph capture keeps the activations of its largest batch in a private pool.
-    graphs = runner.profile_peak_memory(max(graph_sizes), max_seq_len) if graph_sizes else 0
+    # Graph capture keeps the activations of its largest batch in a private pool,
+    # plus one shared float32 logits buffer.
+    graphs = 0
+    if graph_sizes:
+        largest = max(graph_sizes)
+        graphs = runner.profile_peak_memory(largest, max_seq_len) + largest * config.vocab_size * 4
     num_blocks = num_kv_blocks(
         config, kv_config, dtype, device, max_seq_len, args.max_batch_size, reserved_bytes=activations + graphs
     )

@@ -46,8 +46,11 @@ class CudaGraphRunner:
         device = runner.device
         self.input_ids = torch.zeros(self.max_batch_size, dtype=torch.long, device=device)
         self.positions = torch.zeros(self.max_batch_size, dtype=torch.long, device=device)
+        # One logits buffer shared by every graph: per-graph outputs would each keep
+        # [batch, vocab] float32 alive (over a GiB for large vocabularies).
+        vocab = runner.config.vocab_size
+        self.logits = torch.empty(self.max_batch_size, vocab, dtype=torch.float32, device=device)
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self._logits: dict[int, torch.Tensor] = {}
         self._metadata: dict[int, object] = {}
         self.memory_bytes = 0
 
@@ -75,9 +78,9 @@ class CudaGraphRunner:
             torch.cuda.synchronize(runner.device)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool), forward_context(context):
-                logits = runner.model.compute_logits(runner.model(ids, pos)).float()
+                self.logits[:size].copy_(runner.model.compute_logits(runner.model(ids, pos)))
             pool = graph.pool()
-            self._graphs[size], self._logits[size], self._metadata[size] = graph, logits, metadata
+            self._graphs[size], self._metadata[size] = graph, metadata
         torch.cuda.synchronize(runner.device)
         self.memory_bytes = torch.cuda.memory_allocated(runner.device) - before
         logger.info(
@@ -105,7 +108,7 @@ class CudaGraphRunner:
             apply_token_sources(self.input_ids[:num], token_sources)
         self.runner.backend.fill_graph_metadata(size, step.attention)
         self._graphs[size].replay()
-        return self._logits[size][:num]
+        return self.logits[:num]
 
 
 def _padding_only(tokens_per_block: int, device: torch.device) -> StepAttentionInputs:

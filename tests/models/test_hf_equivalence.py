@@ -270,7 +270,7 @@ def _make_llm(path: str, tokens_per_block: int = 8, **kwargs: Any) -> LLM:
     return LLM(
         model=path,
         skip_tokenizer_init=True,
-        kv_cache_config=KvCacheConfig(tokens_per_block=tokens_per_block),
+        kv_cache_config=KvCacheConfig(tokens_per_block=tokens_per_block, max_tokens=8192),
         dtype="float32",
         **kwargs,
     )
@@ -499,7 +499,7 @@ class RunnerDriver:
         args = LlmArgs(
             model=path,
             skip_tokenizer_init=True,
-            kv_cache_config=KvCacheConfig(tokens_per_block=tokens_per_block),
+            kv_cache_config=KvCacheConfig(tokens_per_block=tokens_per_block, max_tokens=8192),
             dtype="float32",
         )
         self.built = build_engine(args)
