@@ -13,7 +13,7 @@ from rtllm.sampling_params import SamplingParams
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
-    from rtllm.llmapi.llm_args import KvCacheConfig, LlmArgs
+    from rtllm.llmapi.llm_args import CudaGraphConfig, KvCacheConfig, LlmArgs
 
     defaults = LlmArgs()
     kv = KvCacheConfig()
@@ -37,6 +37,11 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                        help="split long prompts across steps")
     group.add_argument("--load-format", default="auto", choices=["auto", "dummy"],
                        help="dummy: random weights (benchmarking a shape)")
+    group.add_argument("--cuda-graph-max-batch-size", type=int, default=CudaGraphConfig().max_batch_size,
+                       help="largest generation batch captured as a CUDA graph (CUDA only)")
+    group.add_argument("--disable-cuda-graphs", action="store_true", help="run every step eagerly")
+    group.add_argument("--disable-overlap-scheduler", action="store_true",
+                       help="finish each step before preparing the next (overlap is on by default on CUDA)")
 
 
 def build_llm(args: argparse.Namespace, **overrides: Any) -> Any:
@@ -44,8 +49,9 @@ def build_llm(args: argparse.Namespace, **overrides: Any) -> Any:
 
     ``overrides`` are further ``LLM`` arguments (e.g. ``skip_tokenizer_init``).
     """
-    from rtllm import LLM, KvCacheConfig
+    from rtllm import LLM, CudaGraphConfig, KvCacheConfig
 
+    graphs = None if args.disable_cuda_graphs else CudaGraphConfig(max_batch_size=args.cuda_graph_max_batch_size)
     return LLM(
         model=args.model,
         tokenizer=args.tokenizer,
@@ -61,6 +67,8 @@ def build_llm(args: argparse.Namespace, **overrides: Any) -> Any:
             max_tokens=args.kv_cache_max_tokens,
             free_gpu_memory_fraction=args.kv_cache_free_gpu_memory_fraction,
         ),
+        cuda_graph_config=graphs,
+        disable_overlap_scheduler=True if args.disable_overlap_scheduler else None,
         **overrides,
     )
 
