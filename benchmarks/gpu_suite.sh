@@ -22,7 +22,10 @@ bench() {  # name, args...
 if [[ $parts == *bench* ]]; then
   bench qwen_bs1 latency --model benchmarks/configs/qwen3-0.6b --load-format dummy --input-len 128 --output-len 256 --num-requests 3 --warmup 1
   bench llama8b_bs1 latency --model benchmarks/configs/llama3-8b --load-format dummy --input-len 128 --output-len 256 --num-requests 3 --warmup 1
-  bench llama8b_tput throughput --model benchmarks/configs/llama3-8b --load-format dummy --input-len 256 --output-len 256 --num-requests 1000 --warmup 2 --max-batch-size 256
+  bench llama8b_tput throughput --model benchmarks/configs/llama3-8b --load-format dummy --input-len 256 --output-len 256 --num-requests 1000 --warmup 2 --max-batch-size 512 --cuda-graph-max-batch-size 512
+fi
+if [[ $parts == *profile* ]]; then
+  python3 benchmarks/profile_decode.py benchmarks/configs/llama3-8b 1 64 2>&1 | tee "$OUT/profile_llama8b_bs1.log" | head -40
 fi
 if [[ $parts == *hf* ]]; then
   python3 benchmarks/hf_reference.py .perf/hf_baseline.py bw 8b small 2>&1 | tee "$OUT/hf_reference.log"
