@@ -11,8 +11,8 @@ python3 -c "import torch, triton, transformers; print('torch', torch.__version__
 git rev-parse --short HEAD 2>/dev/null || true
 
 if [[ $parts == *tests* ]]; then
-  python3 -m pytest -q -m gpu tests/kernels tests/layers 2>&1 | tail -15 | tee "$OUT/gpu_tests.log"
-  python3 -m pytest -q -x tests/models/test_hf_equivalence.py tests/engine/test_overlap.py 2>&1 | tail -15 | tee "$OUT/equivalence.log"
+  timeout 150 python3 -m pytest -q -m gpu tests/kernels tests/layers > "$OUT/gpu_tests.log" 2>&1; tail -3 "$OUT/gpu_tests.log"
+  timeout 240 python3 -m pytest -q -x tests/models/test_hf_equivalence.py tests/engine/test_overlap.py > "$OUT/equivalence.log" 2>&1; tail -15 "$OUT/equivalence.log"
 fi
 bench() {  # name, args...
   local name=$1; shift
@@ -25,8 +25,8 @@ if [[ $parts == *bench* ]]; then
   bench llama8b_tput throughput --model benchmarks/configs/llama3-8b --load-format dummy --input-len 256 --output-len 256 --num-requests 1000 --warmup 2 --max-batch-size 512 --cuda-graph-max-batch-size 512
 fi
 if [[ $parts == *profile* ]]; then
-  python3 benchmarks/profile_decode.py benchmarks/configs/llama3-8b 1 64 2>&1 | tee "$OUT/profile_llama8b_bs1.log" | head -40
+  timeout 120 python3 benchmarks/profile_decode.py benchmarks/configs/llama3-8b 1 64 > "$OUT/profile_llama8b_bs1.log" 2>&1; head -40 "$OUT/profile_llama8b_bs1.log"
 fi
 if [[ $parts == *hf* ]]; then
-  python3 benchmarks/hf_reference.py .perf/hf_baseline.py bw 8b small 2>&1 | tee "$OUT/hf_reference.log"
+  timeout 240 python3 benchmarks/hf_reference.py .perf/hf_baseline.py bw 8b small > "$OUT/hf_reference.log" 2>&1; cat "$OUT/hf_reference.log"
 fi

@@ -367,7 +367,9 @@ def test_reference_is_not_degenerate(hf_models: Callable[[str], HfModel], name: 
 @pytest.mark.parametrize("name", list(ARCHS))
 def test_generate_batch_matches_hf(hf_models: Callable[[str], HfModel], name: str) -> None:
     hf = hf_models(name)
-    with _make_llm(hf.path) as llm:
+    # The holds below count committed tokens step by step, which is the synchronous
+    # loop's timing; overlap is checked against the synchronous loop in test_overlap.py.
+    with _make_llm(hf.path, disable_overlap_scheduler=True) as llm:
         hook = StepHook(llm.executor.engine)
         results = llm.generate(hf.prompts, _greedy_params(), use_tqdm=False)
     assert len(results) == len(hf.prompts)
@@ -383,7 +385,9 @@ def test_generate_inflight_arrivals_match_hf(
 ) -> None:
     hf = hf_models(name)
     p1, p7, p16, p17, p33 = hf.prompts
-    with _make_llm(hf.path) as llm:
+    # The holds below count committed tokens step by step, which is the synchronous
+    # loop's timing; overlap is checked against the synchronous loop in test_overlap.py.
+    with _make_llm(hf.path, disable_overlap_scheduler=True) as llm:
         hook = StepHook(llm.executor.engine)
         # Hold the engine once `first` has 3 output tokens (prompt + 2 computed), and
         # once the first of wave 1 has 2 output tokens; prompts identify requests.
