@@ -58,6 +58,23 @@ class _LaunchedStep:
     requests: list[LlmRequest]  # the requests that sampled, in row order
     tokens: torch.Tensor  # [len(requests)] device tensor of sampled ids
     row_of: dict[int, int] = field(default_factory=dict)  # request id -> row
+    host_tokens: torch.Tensor | None = None  # pinned copy, valid once `copied` completes
+    copied: torch.cuda.Event | None = None
+
+    def start_copy(self) -> None:
+        """Queue the device-to-host copy right behind the sampling kernels, so the
+        commit waits for this step only, not for steps launched after it."""
+        if self.tokens.is_cuda:
+            self.host_tokens = torch.empty(self.tokens.shape, dtype=self.tokens.dtype, pin_memory=True)
+            self.host_tokens.copy_(self.tokens, non_blocking=True)
+            self.copied = torch.cuda.Event()
+            self.copied.record()
+
+    def token_list(self) -> list[int]:
+        if self.copied is None:
+            return self.tokens.tolist()
+        self.copied.synchronize()
+        return self.host_tokens.tolist()
 
 
 class Engine:
@@ -162,6 +179,7 @@ class Engine:
         if tokens is None:
             return None
         launched = _LaunchedStep(sampling, tokens)
+        launched.start_copy()
         for row, request in enumerate(sampling):
             request.output_token_ids.append(PENDING_TOKEN)
             request.num_pending_tokens += 1
@@ -188,7 +206,7 @@ class Engine:
 
     def _commit(self, launched: _LaunchedStep, updates: list[RequestUpdate]) -> None:
         try:
-            tokens = launched.tokens.tolist()
+            tokens = launched.token_list()
         except Exception as exc:  # noqa: BLE001 - a device error surfaces here
             for request in launched.requests:
                 if not request.is_finished:

@@ -535,6 +535,7 @@ class RunnerDriver:
 
 def _assert_logits_close(got: torch.Tensor, want: torch.Tensor, label: str) -> None:
     assert got.dtype == torch.float32 and got.shape == want.shape, label
+    got, want = got.cpu(), want.cpu()
     diff = (got - want).abs().max().item()
     assert diff <= LOGITS_ATOL, (
         f"{label}: max |logit diff| = {diff:.3g} (logits scale {want.abs().max():.3g})"
