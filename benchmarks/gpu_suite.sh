@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
 # One device session: GPU tests, model equivalence on CUDA, rtllm benchmarks and
 # the transformers reference, each logged under $OUT. Run from the repo root:
-#   OUT=/tmp/out bash benchmarks/gpu_suite.sh [tests] [bench] [hf]
+#   OUT=/tmp/out bash benchmarks/gpu_suite.sh [kernels] [tests] [bench] [profile] [hf]
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH}
 OUT=${OUT:-/tmp/rtllm_gpu}; mkdir -p "$OUT"
-parts=${*:-tests bench hf}
+parts=${*:-kernels tests bench hf}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
 git rev-parse --short HEAD 2>/dev/null || true
 
-if [[ $parts == *tests* ]]; then
+if [[ $parts == *kernels* ]]; then
   timeout 150 python3 -m pytest -q -m gpu tests/kernels tests/layers > "$OUT/gpu_tests.log" 2>&1; tail -3 "$OUT/gpu_tests.log"
+fi
+if [[ $parts == *tests* ]]; then
   timeout 240 python3 -m pytest -q -x tests/models/test_hf_equivalence.py tests/engine/test_overlap.py > "$OUT/equivalence.log" 2>&1; tail -15 "$OUT/equivalence.log"
 fi
 bench() {  # name, args...
