@@ -70,8 +70,13 @@ def build_engine(args: LlmArgs) -> BuiltEngine:
     runner.allocate_kv_cache(num_blocks)
     if graph_sizes:
         enable_padding = args.cuda_graph_config.enable_padding
-        runner.graphs = CudaGraphRunner(runner, graph_sizes, max_seq_len, enable_padding)
-        runner.graphs.capture()
+        graphs = CudaGraphRunner(runner, graph_sizes, max_seq_len, enable_padding)
+        try:
+            graphs.capture()
+            runner.graphs = graphs
+        except RuntimeError:
+            logger.warning("CUDA graph capture failed; generation steps run eagerly", exc_info=True)
+            torch.cuda.synchronize(device)
     kv_cache = KVCacheManager(num_blocks, args.kv_cache_config.tokens_per_block)
     scheduler = Scheduler(kv_cache, args.max_batch_size, args.max_num_tokens, args.enable_chunked_prefill)
     limits = EngineLimits(max_seq_len, args.max_num_tokens, config.vocab_size, args.enable_chunked_prefill)

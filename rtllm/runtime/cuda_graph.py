@@ -77,7 +77,9 @@ class CudaGraphRunner:
                 runner.model.compute_logits(runner.model(ids, pos))
             torch.cuda.synchronize(runner.device)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool), forward_context(context):
+            # thread_local: a CUDA call from another thread (a server's event loop, a
+            # finalizer) must not invalidate this capture.
+            with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"), forward_context(context):
                 self.logits[:size].copy_(runner.model.compute_logits(runner.model(ids, pos)))
             pool = graph.pool()
             self._graphs[size], self._metadata[size] = graph, metadata

@@ -19,6 +19,7 @@ from rtllm.engine.scheduler import ScheduledRequest
 from rtllm.layers.attention_backends import StepAttentionInputs, get_attention_backend
 from rtllm.models.config import ModelConfig
 from rtllm.runtime.forward_context import ForwardContext, forward_context
+from rtllm.runtime.transfer import to_device
 
 logger = logging.getLogger(__name__)
 
@@ -128,17 +129,17 @@ class ModelRunner:
         step = self.assemble(scheduled, block_table_of)
         if self.graphs is not None and step.is_generation_only and self.graphs.can_run(len(step.input_ids)):
             return self.graphs.run(step, token_sources)
-        ids = torch.tensor(step.input_ids, dtype=torch.long, device=self.device)
+        ids = to_device(step.input_ids, torch.long, self.device)
         if token_sources is not None:
             apply_token_sources(ids, token_sources)
-        pos = torch.tensor(step.positions, dtype=torch.long, device=self.device)
+        pos = to_device(step.positions, torch.long, self.device)
         metadata = self.backend.build_metadata(step.attention)
         with forward_context(ForwardContext(self.backend, metadata, self.kv_caches)):
             hidden = self.model(ids, pos)
         if not step.logits_indices:
             return hidden.new_empty((0, self.config.vocab_size), dtype=torch.float32)
         if len(step.logits_indices) < hidden.shape[0]:
-            hidden = hidden.index_select(0, torch.tensor(step.logits_indices, device=self.device))
+            hidden = hidden.index_select(0, to_device(step.logits_indices, torch.long, self.device))
         return self.model.compute_logits(hidden).float()
 
     @torch.inference_mode()
@@ -176,6 +177,6 @@ class ModelRunner:
 def apply_token_sources(input_ids: torch.Tensor, sources: TokenSources) -> None:
     """Copy device-resident sampled tokens into ``input_ids`` (no host round trip)."""
     device = input_ids.device
-    dst = torch.tensor(sources.dst, dtype=torch.long, device=device)
-    src = torch.tensor(sources.src, dtype=torch.long, device=device)
+    dst = to_device(sources.dst, torch.long, device)
+    src = to_device(sources.src, torch.long, device)
     input_ids.index_copy_(0, dst, sources.tokens.index_select(0, src).to(input_ids.dtype))
