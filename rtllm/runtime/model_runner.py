@@ -68,6 +68,7 @@ class ModelRunner:
         self.backend = get_attention_backend(attention_backend)
         self.kv_caches: list[torch.Tensor] = []
         self.num_blocks = 0
+        self._num_clean_blocks = 0
         self.graphs = None  # a CudaGraphRunner once captured
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
@@ -75,13 +76,13 @@ class ModelRunner:
         tensor per layer."""
         config = self.config
         shape = (2, num_blocks, self.tokens_per_block, config.num_key_value_heads, config.head_dim)
-        # Zeroed, not empty: attention backends may read whole blocks past a sequence's
-        # end (masked out), and never-written memory could hold NaN, which a zero
-        # attention weight does not cancel (0 * NaN = NaN).
+        # Allocated empty and zeroed lazily, block by block on first use (see
+        # _zero_new_blocks): touching a whole CPU pool up front costs seconds.
         self.kv_caches = [
-            torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(config.num_hidden_layers)
+            torch.empty(shape, dtype=self.dtype, device=self.device) for _ in range(config.num_hidden_layers)
         ]
         self.num_blocks = num_blocks
+        self._num_clean_blocks = 0
         logger.info(
             "KV cache: %d blocks x %d tokens = %d tokens, %.1f MiB",
             num_blocks,
@@ -110,8 +111,25 @@ class ModelRunner:
             block_tables.append(block_table_of(request.request_id))
             if item.samples:
                 logits_indices.append(len(input_ids) - 1)
+        self._zero_new_blocks(max(max(table, default=0) for table in block_tables))
         attention = StepAttentionInputs(query_lens, context_lens, block_tables, self.tokens_per_block, self.device)
         return StepInputs(input_ids, positions, attention, logits_indices)
+
+    def _zero_new_blocks(self, max_block_id: int) -> None:
+        """Zero blocks never used before.
+
+        Backends may read whole blocks past a sequence's end (masked out), and
+        never-written memory could hold NaN, which a zero attention weight does not
+        cancel (0 * NaN = NaN). A fresh pool hands out block ids in increasing
+        order, so the blocks ever used form a prefix ``[0, _num_clean_blocks)``;
+        anything in it is either zero or real KV (finite).
+        """
+        if max_block_id < self._num_clean_blocks:
+            return
+        end = max_block_id + 1
+        for cache in self.kv_caches:
+            cache[:, self._num_clean_blocks : end].zero_()
+        self._num_clean_blocks = end
 
     @torch.inference_mode()
     def execute(
@@ -153,7 +171,7 @@ class ModelRunner:
         if num_tokens % max_seq_len:
             lengths.append(num_tokens % max_seq_len)
         blocks_per_seq = [-(-n // self.tokens_per_block) for n in lengths]
-        saved = self.kv_caches, self.num_blocks
+        saved = self.kv_caches, self.num_blocks, self._num_clean_blocks
         self.allocate_kv_cache(sum(blocks_per_seq))
         tables: dict[int, list[int]] = {}
         scheduled: list[ScheduledRequest] = []
@@ -169,7 +187,7 @@ class ModelRunner:
         self.execute(scheduled, tables.__getitem__)
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device) - kv_bytes
-        self.kv_caches, self.num_blocks = saved
+        self.kv_caches, self.num_blocks, self._num_clean_blocks = saved
         torch.cuda.empty_cache()
         return peak
 
