@@ -6,13 +6,8 @@ sequences replays the smallest captured graph of at least ``n`` rows, with the
 rows past ``n`` padded (their KV writes skipped, their logits ignored). Context
 steps run eagerly.
 
-Each size is captured twice: for steps whose sequences are all at most
-``SHORT_CONTEXT`` tokens the attention runs as one unsplit kernel; longer
-contexts use the split-K (flash-decoding) variant, whose split count is fixed by
-``max_seq_len`` so that every replay has the same grid.
-
 Static inputs: ``input_ids``/``positions`` buffers here and the attention
-backend's graph metadata buffers (see ``TritonAttentionBackend.graph_metadata``).
+backend's graph metadata buffers (see ``AttentionBackend.graph_metadata``).
 """
 
 from __future__ import annotations
@@ -27,9 +22,6 @@ from rtllm.layers.attention_backends import StepAttentionInputs
 from rtllm.runtime.forward_context import ForwardContext, forward_context
 
 logger = logging.getLogger(__name__)
-
-# Up to this many tokens per sequence, unsplit decode attention beats split + reduce.
-SHORT_CONTEXT = 1024
 
 
 def default_graph_batch_sizes(max_batch_size: int) -> list[int]:
@@ -58,13 +50,13 @@ class CudaGraphRunner:
         # [batch, vocab] float32 alive (over a GiB for large vocabularies).
         vocab = runner.config.vocab_size
         self.logits = torch.empty(self.max_batch_size, vocab, dtype=torch.float32, device=device)
-        self._graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
-        self._metadata: dict[tuple[int, bool], object] = {}
+        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._metadata: dict[int, object] = {}
         self.memory_bytes = 0
 
     def can_run(self, num_sequences: int) -> bool:
         if not self.enable_padding:
-            return (num_sequences, False) in self._graphs
+            return num_sequences in self._graphs
         return num_sequences <= self.max_batch_size
 
     @torch.inference_mode()
@@ -77,8 +69,20 @@ class CudaGraphRunner:
         before = torch.cuda.memory_allocated(runner.device)
         pool = None
         for size in reversed(self.batch_sizes):
-            for short in (False, True):
-                pool = self._capture_one(size, short, pool)
+            metadata = backend.graph_metadata(size)
+            backend.fill_graph_metadata(size, _padding_only(runner.tokens_per_block, runner.device))
+            ids, pos = self.input_ids[:size], self.positions[:size]
+            context = ForwardContext(backend, metadata, runner.kv_caches)
+            with forward_context(context):  # warm-up outside the graph (Triton compiles here)
+                runner.model.compute_logits(runner.model(ids, pos))
+            torch.cuda.synchronize(runner.device)
+            graph = torch.cuda.CUDAGraph()
+            # thread_local: a CUDA call from another thread (a server's event loop, a
+            # finalizer) must not invalidate this capture.
+            with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"), forward_context(context):
+                self.logits[:size].copy_(runner.model.compute_logits(runner.model(ids, pos)))
+            pool = graph.pool()
+            self._graphs[size], self._metadata[size] = graph, metadata
         torch.cuda.synchronize(runner.device)
         self.memory_bytes = torch.cuda.memory_allocated(runner.device) - before
         logger.info(
@@ -88,24 +92,6 @@ class CudaGraphRunner:
             time.perf_counter() - start,
             self.memory_bytes / 2**20,
         )
-
-    def _capture_one(self, size: int, short: bool, pool):  # noqa: ANN001, ANN202 - a graph pool handle
-        runner = self.runner
-        backend = runner.backend
-        metadata = backend.graph_metadata(size, short_context=short)
-        backend.fill_graph_metadata(size, _padding_only(runner.tokens_per_block, runner.device))
-        ids, pos = self.input_ids[:size], self.positions[:size]
-        context = ForwardContext(backend, metadata, runner.kv_caches)
-        with forward_context(context):  # warm-up outside the graph (Triton compiles here)
-            runner.model.compute_logits(runner.model(ids, pos))
-        torch.cuda.synchronize(runner.device)
-        graph = torch.cuda.CUDAGraph()
-        # thread_local: a CUDA call from another thread (a server's event loop, a
-        # finalizer) must not invalidate this capture.
-        with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"), forward_context(context):
-            self.logits[:size].copy_(runner.model.compute_logits(runner.model(ids, pos)))
-        self._graphs[(size, short)], self._metadata[(size, short)] = graph, metadata
-        return graph.pool()
 
     def run(self, step, token_sources) -> torch.Tensor:  # noqa: ANN001
         """Replay the graph for a generation-only ``step``; returns float32 logits."""
@@ -123,8 +109,7 @@ class CudaGraphRunner:
         if token_sources is not None:
             apply_token_sources(self.input_ids[:num], token_sources)
         self.runner.backend.fill_graph_metadata(size, step.attention)
-        short = max(step.attention.seq_lens) <= SHORT_CONTEXT
-        self._graphs[(size, short)].replay()
+        self._graphs[size].replay()
         return self.logits[:num]
 
 

@@ -49,9 +49,6 @@ class TritonAttentionMetadata:
     # replays.
     max_seq_len: int | None
     is_decode: bool  # every sequence has exactly one new token
-    # Decode split count fixed by the caller (CUDA graphs of short contexts use 1:
-    # one kernel, no reduce); None lets decode_attention choose from max_seq_len.
-    num_splits: int | None = None
 
 
 def _pinned(n: int, device: torch.device) -> torch.Tensor:
@@ -118,7 +115,7 @@ class TritonMetadataBuffers:
         # Set after each upload; the pinned host buffer is not rewritten before it fires.
         self.upload_done: torch.cuda.Event | None = None
 
-    def metadata(self, padded_batch_size: int, num_splits: int | None = None) -> TritonAttentionMetadata:
+    def metadata(self, padded_batch_size: int) -> TritonAttentionMetadata:
         """Decode metadata viewing the first ``padded_batch_size`` rows (fixed addresses)."""
         p = padded_batch_size
         return TritonAttentionMetadata(
@@ -132,7 +129,6 @@ class TritonMetadataBuffers:
             max_query_len=1,
             max_seq_len=self.max_seq_len,
             is_decode=True,
-            num_splits=num_splits,
         )
 
 
@@ -227,11 +223,9 @@ class TritonAttentionBackend(AttentionBackend):
             max_batch_size, max_blocks_per_seq, device, max_seq_len
         )
 
-    def graph_metadata(self, size: int, short_context: bool = False) -> TritonAttentionMetadata:
-        """The metadata a graph captured for ``size`` rows is built on; with
-        ``short_context`` the decode runs unsplit (one kernel, no reduce), which is
-        faster while every sequence is short."""
-        return self._require_graph_buffers().metadata(size, num_splits=1 if short_context else None)
+    def graph_metadata(self, size: int) -> TritonAttentionMetadata:
+        """The metadata a graph captured for ``size`` rows is built on."""
+        return self._require_graph_buffers().metadata(size)
 
     def fill_graph_metadata(self, size: int, inputs: StepAttentionInputs) -> None:
         """Write a decode step (``len(inputs.query_lens) <= size``) into the buffers."""
@@ -264,7 +258,6 @@ class TritonAttentionBackend(AttentionBackend):
                 spec.scale,
                 spec.sliding_window,
                 max_seq_len=metadata.max_seq_len,
-                num_splits=metadata.num_splits,
             )
         else:
             out = context_attention(
