@@ -2,7 +2,7 @@
 
 Engine options are those of the LLM API. ``--config`` (alias ``--extra-llm-api-options``,
 TensorRT-LLM's name) reads a YAML mapping of :class:`rtllm.LlmArgs` fields, with
-``kv_cache_config`` / ``scheduler_config`` as nested mappings; options given on the
+``kv_cache_config`` / ``scheduler_config`` / ``cuda_graph_config`` as nested mappings; options given on the
 command line win over the file. FastAPI, uvicorn and PyYAML are imported only when
 the command runs.
 """
@@ -63,6 +63,12 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
     engine.add_argument("--load-format", default=None, choices=["auto", "dummy"],
                         help="dummy: random weights (benchmarking a shape)")
     engine.add_argument("--seed", type=int, default=None, help=f"engine seed (default: {d.seed})")
+    engine.add_argument("--cuda-graph-max-batch-size", type=int, default=None,
+                        help="largest generation batch captured as a CUDA graph (CUDA only)")
+    engine.add_argument("--disable-cuda-graphs", action="store_true", default=None,
+                        help="run every step eagerly")
+    engine.add_argument("--disable-overlap-scheduler", action="store_true", default=None,
+                        help="finish each step before preparing the next (overlap is on by default on CUDA)")
     engine.add_argument("--config", "--extra-llm-api-options", dest="config", default=None, metavar="YAML",
                         help="YAML file of LLM arguments (command-line options win)")
     server = parser.add_argument_group("server")
@@ -101,11 +107,14 @@ def _nested(data: dict[str, Any], key: str) -> dict[str, Any]:
 
 def llm_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """The keyword arguments of :class:`rtllm.LLM`: --config, then the command line."""
-    from rtllm.llmapi.llm_args import KvCacheConfig, SchedulerConfig
+    from rtllm.llmapi.llm_args import CudaGraphConfig, KvCacheConfig, SchedulerConfig
 
     kwargs = _load_config(args.config) if args.config else {}
     kv = _nested(kwargs, "kv_cache_config")
     sched = _nested(kwargs, "scheduler_config")
+    graphs = kwargs.get("cuda_graph_config", {})
+    if args.disable_overlap_scheduler:
+        kwargs["disable_overlap_scheduler"] = True
     if args.model is not None:
         kwargs["model"] = args.model
     for name in _LLM_FIELDS:
@@ -120,8 +129,19 @@ def llm_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         kwargs["kv_cache_config"] = KvCacheConfig(**kv)
         if sched:
             kwargs["scheduler_config"] = SchedulerConfig(**sched)
+        if args.disable_cuda_graphs or graphs is None:
+            kwargs["cuda_graph_config"] = None
+        else:
+            graphs = dict(_nested(kwargs, "cuda_graph_config"))
+            if args.cuda_graph_max_batch_size is not None:
+                graphs["max_batch_size"] = args.cuda_graph_max_batch_size
+            if graphs.get("batch_sizes") is not None:
+                graphs["batch_sizes"] = tuple(graphs["batch_sizes"])
+            kwargs["cuda_graph_config"] = CudaGraphConfig(**graphs)
     except TypeError as exc:
-        raise ValueError(f"bad kv_cache_config / scheduler_config in --config: {exc}") from None
+        raise ValueError(
+            f"bad kv_cache_config / scheduler_config / cuda_graph_config in --config: {exc}"
+        ) from None
     return kwargs
 
 

@@ -33,7 +33,9 @@ def test_defaults() -> None:
     assert (args.host, args.port, args.model) == ("127.0.0.1", 8000, None)
     assert args.func is run_serve
     kwargs = llm_kwargs(args)
-    assert kwargs == {"kv_cache_config": KvCacheConfig()}
+    from rtllm import CudaGraphConfig
+
+    assert kwargs == {"kv_cache_config": KvCacheConfig(), "cuda_graph_config": CudaGraphConfig()}
     assert served_model_name(args, kwargs) == "SmolLM2-135M-Instruct"
 
 
@@ -88,3 +90,19 @@ def test_run_serve_builds_one_engine_and_serves_it(model_dir: str, monkeypatch: 
     assert served["health"] == 200
     assert served["models"]["data"][0]["id"] == model_dir and served["models"]["data"][0]["max_model_len"] == 128
     assert served["completion"]["usage"]["completion_tokens"] == 3
+
+
+def test_cuda_graph_and_overlap_options(tmp_path: Any) -> None:
+    from rtllm import CudaGraphConfig
+
+    config = tmp_path / "graphs.yaml"
+    config.write_text("cuda_graph_config:\n  batch_sizes: [1, 4, 2]\n  enable_padding: false\n", encoding="utf-8")
+    kwargs = llm_kwargs(parse("--config", str(config), "--disable-overlap-scheduler"))
+    assert kwargs["cuda_graph_config"] == CudaGraphConfig(batch_sizes=(1, 2, 4), enable_padding=False)
+    assert kwargs["disable_overlap_scheduler"] is True
+    kwargs = llm_kwargs(parse("--cuda-graph-max-batch-size", "32"))
+    assert kwargs["cuda_graph_config"] == CudaGraphConfig(max_batch_size=32)
+    assert "disable_overlap_scheduler" not in kwargs
+    assert llm_kwargs(parse("--disable-cuda-graphs"))["cuda_graph_config"] is None
+    config.write_text("cuda_graph_config: null\n", encoding="utf-8")
+    assert llm_kwargs(parse("--config", str(config)))["cuda_graph_config"] is None
