@@ -15,15 +15,17 @@ from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from rtllm.executor.result import GenerationResult, RequestError
 from rtllm.sampling_params import SamplingParams
-from rtllm.serve.errors import OpenAIError, invalid
+from rtllm.serve.errors import OpenAIError, from_validation_error, invalid
 from rtllm.serve.metrics import RequestTimer, ServerMetrics
+from rtllm.serve.protocol import UsageInfo
+from rtllm.serve.sampling import check_model, check_unsupported
 
 if TYPE_CHECKING:
     from rtllm.llmapi.llm import LLM
@@ -259,3 +261,25 @@ class ServingContext:
         finally:
             for gen in generations:
                 gen.close()
+
+
+RequestModel = TypeVar("RequestModel", bound=BaseModel)
+
+
+async def read_request(request: Request, model: type[RequestModel], ctx: ServingContext) -> RequestModel:
+    """Parse and check an OpenAI request body: schema, model name, unsupported fields."""
+    try:
+        req = model.model_validate_json(await request.body())
+    except ValidationError as exc:
+        raise from_validation_error(exc) from None
+    check_model(req.model, ctx.model_name)
+    check_unsupported(req)
+    return req
+
+
+def usage_of(generations: list[Generation]) -> UsageInfo:
+    """Token counts of a response over all its generations."""
+    prompt = sum(len(g.prompt.token_ids) for g in generations)
+    completion = sum(g.num_generated for g in generations)
+    return UsageInfo(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+

@@ -7,12 +7,11 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from pydantic import ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from rtllm.executor.result import RequestError
-from rtllm.serve.errors import OpenAIError, from_validation_error, invalid
+from rtllm.serve.errors import OpenAIError, invalid
 from rtllm.serve.generation import (
     SSE_DONE,
     ClientDisconnected,
@@ -21,7 +20,9 @@ from rtllm.serve.generation import (
     Prompt,
     ServingContext,
     merge_deltas,
+    read_request,
     sse,
+    usage_of,
 )
 from rtllm.serve.protocol import (
     ChatChoice,
@@ -36,8 +37,6 @@ from rtllm.serve.protocol import (
     random_id,
 )
 from rtllm.serve.sampling import (
-    check_model,
-    check_unsupported,
     resolve_max_tokens,
     to_sampling_params,
 )
@@ -114,19 +113,9 @@ def render_chat(ctx: ServingContext, req: ChatCompletionRequest) -> str:
     return text
 
 
-def _usage(gen: Generation) -> UsageInfo:
-    prompt, completion = len(gen.prompt.token_ids), gen.num_generated
-    return UsageInfo(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
-
-
 async def create_chat_completion(request: Request, ctx: ServingContext) -> Response:
     """Handle ``POST /v1/chat/completions``."""
-    try:
-        req = ChatCompletionRequest.model_validate_json(await request.body())
-    except ValidationError as exc:
-        raise from_validation_error(exc) from None
-    check_model(req.model, ctx.model_name)
-    check_unsupported(req)
+    req = await read_request(request, ChatCompletionRequest, ctx)
     if req.max_completion_tokens is not None:
         requested, param = req.max_completion_tokens, "max_completion_tokens"
     else:
@@ -153,7 +142,7 @@ async def create_chat_completion(request: Request, ctx: ServingContext) -> Respo
     out = gen.result.outputs[0]
     choice = ChatChoice(index=0, message=ChatResponseMessage(content=out.text),
                         finish_reason=out.finish_reason, stop_reason=out.stop_reason)
-    response = ChatCompletionResponse(model=ctx.model_name, choices=[choice], usage=_usage(gen))
+    response = ChatCompletionResponse(model=ctx.model_name, choices=[choice], usage=usage_of([gen]))
     return JSONResponse(response.model_dump())
 
 
@@ -174,7 +163,7 @@ async def _stream(ctx: ServingContext, gen: Generation, include_usage: bool) -> 
                 yield chunk([ChatStreamChoice(index=0, delta=DeltaMessage(), finish_reason=delta.finish_reason,
                                               stop_reason=delta.stop_reason)])
         if include_usage:
-            yield chunk([], _usage(gen))
+            yield chunk([], usage_of([gen]))
     except RequestError as exc:
         logger.error("streamed chat completion failed in the engine: %s", exc)
         yield sse(OpenAIError(str(exc), status=500, type="server_error").body())

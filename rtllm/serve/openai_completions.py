@@ -7,12 +7,11 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from pydantic import ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from rtllm.executor.result import RequestError
-from rtllm.serve.errors import OpenAIError, from_validation_error, invalid
+from rtllm.serve.errors import OpenAIError, invalid
 from rtllm.serve.generation import (
     SSE_DONE,
     ClientDisconnected,
@@ -21,7 +20,9 @@ from rtllm.serve.generation import (
     Prompt,
     ServingContext,
     merge_deltas,
+    read_request,
     sse,
+    usage_of,
 )
 from rtllm.serve.protocol import (
     CompletionChoice,
@@ -32,8 +33,6 @@ from rtllm.serve.protocol import (
     random_id,
 )
 from rtllm.serve.sampling import (
-    check_model,
-    check_unsupported,
     resolve_max_tokens,
     to_sampling_params,
 )
@@ -75,24 +74,13 @@ def parse_prompts(ctx: ServingContext, prompt: Any, add_special_tokens: bool) ->
     return prompts
 
 
-def _usage(generations: list[Generation]) -> UsageInfo:
-    prompt = sum(len(g.prompt.token_ids) for g in generations)
-    completion = sum(g.num_generated for g in generations)
-    return UsageInfo(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
-
-
 def _echo_text(ctx: ServingContext, prompt: Prompt) -> str:
     return prompt.text if prompt.text is not None else ctx.detokenize(prompt.token_ids)
 
 
 async def create_completion(request: Request, ctx: ServingContext) -> Response:
     """Handle ``POST /v1/completions``."""
-    try:
-        req = CompletionRequest.model_validate_json(await request.body())
-    except ValidationError as exc:
-        raise from_validation_error(exc) from None
-    check_model(req.model, ctx.model_name)
-    check_unsupported(req)
+    req = await read_request(request, CompletionRequest, ctx)
     if req.max_tokens is not None and req.max_tokens < 1:
         raise invalid(f"max_tokens must be at least 1, got {req.max_tokens}", param="max_tokens")
     add_special = True if req.add_special_tokens is None else req.add_special_tokens
@@ -122,7 +110,7 @@ async def create_completion(request: Request, ctx: ServingContext) -> Response:
         text = (_echo_text(ctx, gen.prompt) if req.echo else "") + out.text
         choices.append(CompletionChoice(index=gen.index, text=text, finish_reason=out.finish_reason,
                                         stop_reason=out.stop_reason))
-    response = CompletionResponse(model=ctx.model_name, choices=choices, usage=_usage(generations))
+    response = CompletionResponse(model=ctx.model_name, choices=choices, usage=usage_of(generations))
     return JSONResponse(response.model_dump())
 
 
@@ -147,7 +135,7 @@ async def _stream(
                 yield chunk([CompletionChoice(index=delta.index, text="", finish_reason=delta.finish_reason,
                                               stop_reason=delta.stop_reason)])
         if include_usage:
-            yield chunk([], _usage(generations))
+            yield chunk([], usage_of(generations))
     except RequestError as exc:
         logger.error("streamed completion failed in the engine: %s", exc)
         yield sse(OpenAIError(str(exc), status=500, type="server_error").body())
