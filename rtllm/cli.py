@@ -87,6 +87,8 @@ def _generate(args: argparse.Namespace) -> int:
     llm = build_llm(args)
     load_s = time.perf_counter() - start
     prompts = list(args.prompts)
+    # A continuation follows its prompt directly; a chat answer goes on its own line.
+    separator = "\n" if args.chat else ""
     if args.chat:
         if llm.tokenizer is None or not getattr(llm.tokenizer, "chat_template", None):
             raise SystemExit("error: --chat needs a tokenizer with a chat template")
@@ -99,7 +101,7 @@ def _generate(args: argparse.Namespace) -> int:
     try:
         if args.stream and len(prompts) == 1:
             result = llm.generate_async(prompts[0], params, streaming=True)
-            print(args.prompts[0], end="", flush=True)
+            print(args.prompts[0], end=separator, flush=True)
             for out in result:
                 print(out.outputs[0].text_diff, end="", flush=True)
             print()
@@ -108,7 +110,7 @@ def _generate(args: argparse.Namespace) -> int:
             outputs = llm.generate(prompts, params)
             outputs = outputs if isinstance(outputs, list) else [outputs]
             for prompt, out in zip(args.prompts, outputs, strict=True):
-                print(f"{prompt}{out.outputs[0].text}")
+                print(f"{prompt}{separator}{out.outputs[0].text}")
         if args.verbose:
             for out in outputs:
                 print(f"[finish_reason={out.outputs[0].finish_reason} tokens={len(out.outputs[0].token_ids)}]",
