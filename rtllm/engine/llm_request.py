@@ -85,10 +85,6 @@ class LlmRequest:
     def is_finished(self) -> bool:
         return self.state is RequestState.FINISHED
 
-    def token_at(self, index: int) -> int:
-        n = len(self.prompt_token_ids)
-        return self.prompt_token_ids[index] if index < n else self.output_token_ids[index - n]
-
     def tokens_slice(self, start: int, end: int) -> list[int]:
         n = len(self.prompt_token_ids)
         if end <= n:

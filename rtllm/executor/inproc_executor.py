@@ -157,11 +157,11 @@ class InProcessExecutor(GenerationExecutor):
                 response, stopped = self._outputs.process(update)
             except Exception as exc:  # noqa: BLE001 - e.g. a tokenizer failure
                 logger.exception("output processing failed for request %d", update.request_id)
+                self._outputs.remove(update.request_id)
                 self.engine.finish_request(update.request_id, FinishReason.ERROR, str(exc))
                 response, stopped = Response([], finished=True, finish_reason="error", error=str(exc)), False
             if stopped:
                 self.engine.finish_request(update.request_id, FinishReason.STOP)
-            if response.finished:
+            if response.finished:  # its text state was dropped by process() (or above)
                 self._results.pop(update.request_id, None)
-                self._outputs.remove(update.request_id)
             result._push(response)
