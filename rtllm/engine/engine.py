@@ -17,6 +17,7 @@ failed requests always give their KV blocks back.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -24,7 +25,7 @@ import torch
 from rtllm.engine.kv_cache.kv_cache_manager import KVCacheManager
 from rtllm.engine.llm_request import PENDING_TOKEN, FinishReason, LlmRequest
 from rtllm.engine.sampler import Sampler
-from rtllm.engine.scheduler import ScheduledRequest, Scheduler
+from rtllm.engine.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
 from rtllm.runtime.model_runner import ModelRunner, TokenSources
 
 logger = logging.getLogger(__name__)
@@ -98,6 +99,11 @@ class Engine:
         self.requests: dict[int, LlmRequest] = {}
         self.num_steps = 0
         self._in_flight: _LaunchedStep | None = None
+        # What the last step scheduled, and (when track_finished is set, for the
+        # per-request stats) the requests finished since take_finished() was called.
+        self.last_output: SchedulerOutput | None = None
+        self.track_finished = False
+        self._finished: list[LlmRequest] = []
 
     @property
     def has_work(self) -> bool:
@@ -118,6 +124,12 @@ class Engine:
             raise ValueError(
                 f"prompt ({num} tokens) + max_tokens ({max_tokens}) exceeds max_seq_len="
                 f"{limits.max_seq_len}; lower max_tokens to at most {limits.max_seq_len - num}"
+            )
+        pool_tokens = self.kv_cache.num_blocks * self.kv_cache.tokens_per_block
+        if num + max_tokens > pool_tokens:
+            raise ValueError(
+                f"prompt ({num} tokens) + max_tokens ({max_tokens}) exceeds the KV cache "
+                f"({pool_tokens} tokens); lower max_tokens or raise kv_cache_config.max_tokens"
             )
         if num > limits.max_num_tokens and not limits.enable_chunked_prefill:
             raise ValueError(
@@ -141,7 +153,14 @@ class Engine:
             return False
         request.finish(reason, error)
         self.scheduler.remove(request)
+        if self.track_finished:
+            self._finished.append(request)
         return True
+
+    def take_finished(self) -> list[LlmRequest]:
+        """Requests finished since the last call (collected only with ``track_finished``)."""
+        finished, self._finished = self._finished, []
+        return finished
 
     def step(self) -> list[RequestUpdate]:
         """Run one iteration; returns an update for every request that got tokens
@@ -149,6 +168,7 @@ class Engine:
         updates: list[RequestUpdate] = []
         previous, self._in_flight = self._in_flight, None
         output = self.scheduler.schedule()
+        self.last_output = output
         launched: _LaunchedStep | None = None
         if output:
             self.num_steps += 1
@@ -217,6 +237,8 @@ class Engine:
                 continue  # finished (or aborted) while this step was in flight
             request.output_token_ids[len(request.output_token_ids) - request.num_pending_tokens] = token
             request.num_pending_tokens -= 1
+            if request.first_token_time is None:
+                request.first_token_time = time.monotonic()
             updates.append(self._check_finish(request, token))
 
     def _retry_alone(self, scheduled: list[ScheduledRequest], updates: list[RequestUpdate]) -> None:

@@ -12,7 +12,10 @@ PENDING_TOKEN = -1
 
 
 class RequestState(enum.Enum):
-    """Lifecycle: WAITING -> RUNNING -> FINISHED (from any state on abort or error)."""
+    """Lifecycle: WAITING -> RUNNING -> FINISHED (from any state on abort or error).
+
+    A request paused under MAX_UTILIZATION goes back from RUNNING to WAITING.
+    """
 
     WAITING = "waiting"
     RUNNING = "running"
@@ -67,6 +70,11 @@ class LlmRequest:
     error: str | None = None
     arrival_time: float = field(default_factory=time.monotonic)
     generator: Any = None  # torch.Generator of a seeded request, made by the sampler
+    priority: float = 0.0  # higher runs first; FCFS within a priority
+    cache_salt: str | None = None  # requests with different salts never share KV blocks
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache at first admission
+    num_preemptions: int = 0  # times paused (MAX_UTILIZATION) and later recomputed
+    first_token_time: float | None = None  # monotonic time the first output token was committed
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -12,7 +12,9 @@ from typing import Any
 import torch
 
 from rtllm.engine.engine import Engine, RequestUpdate
+from rtllm.engine.kv_cache.events import KVCacheEventBuffer
 from rtllm.engine.llm_request import FinishReason, LlmRequest
+from rtllm.engine.stats import IterationStatsCollector
 from rtllm.executor.executor import GenerationExecutor
 from rtllm.executor.output_processor import OutputProcessor
 from rtllm.executor.request import GenerationRequest, to_sampling_config
@@ -27,9 +29,19 @@ class InProcessExecutor(GenerationExecutor):
     """Runs :class:`Engine` steps on a daemon thread; requests and aborts arrive
     through an inbox, responses leave through each result's queue."""
 
-    def __init__(self, engine: Engine, tokenizer: Any | None, default_end_ids: tuple[int, ...]) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        tokenizer: Any | None,
+        default_end_ids: tuple[int, ...],
+        kv_events: KVCacheEventBuffer | None = None,
+        iter_stats: IterationStatsCollector | None = None,
+    ) -> None:
         self.engine = engine
         self.default_end_ids = default_end_ids
+        self.kv_events = kv_events
+        self.iter_stats = iter_stats
+        engine.track_finished = iter_stats is not None
         self._outputs = OutputProcessor(tokenizer)
         self._inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._results: dict[int, GenerationResult] = {}
@@ -88,6 +100,7 @@ class InProcessExecutor(GenerationExecutor):
             while self._drain_inbox(block=not self.engine.has_work):
                 if not self.engine.has_work:
                     continue
+                started = time.monotonic()
                 try:
                     updates = self.engine.step()
                 except Exception as exc:  # noqa: BLE001 - a broken step must not kill the loop
@@ -95,6 +108,8 @@ class InProcessExecutor(GenerationExecutor):
                     updates = self._fail_all(f"{type(exc).__name__}: {exc}")
                 self.last_step_time = time.monotonic()
                 self._dispatch(updates)
+                if self.iter_stats is not None:
+                    self.iter_stats.record(self.engine, self.last_step_time - started)
         finally:
             self.engine.shutdown()
             for request_id, result in list(self._results.items()):
@@ -129,7 +144,14 @@ class InProcessExecutor(GenerationExecutor):
             sampling = to_sampling_config(request.sampling_params, self.default_end_ids)
             limits = self.engine.limits
             self.engine.add_request(
-                LlmRequest(request.request_id, list(request.prompt_token_ids), sampling, limits.max_seq_len)
+                LlmRequest(
+                    request.request_id,
+                    list(request.prompt_token_ids),
+                    sampling,
+                    limits.max_seq_len,
+                    priority=request.priority,
+                    cache_salt=request.cache_salt,
+                )
             )
             self._outputs.add(request)
             self._results[request.request_id] = result

@@ -20,6 +20,8 @@ class GenerationRequest:
     sampling_params: SamplingParams
     prompt: str | None = None
     streaming: bool = False
+    priority: float = 0.0  # higher is admitted first; FCFS within a priority
+    cache_salt: str | None = None  # requests with different salts never share KV blocks
     request_id: int = -1  # assigned by the executor at submission
 
 

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from rtllm.engine.engine import Engine, EngineLimits
+from rtllm.engine.kv_cache.events import KVCacheEventBuffer
 from rtllm.engine.kv_cache.kv_cache_manager import KVCacheManager
 from rtllm.engine.sampler import Sampler
 from rtllm.engine.scheduler import Scheduler
@@ -16,7 +17,7 @@ from rtllm.llmapi.llm_args import LlmArgs, resolve_dtype
 from rtllm.models.config import ModelConfig
 from rtllm.models.loader import build_model, estimate_weight_bytes, load_model_config
 from rtllm.runtime.cuda_graph import CudaGraphRunner, default_graph_batch_sizes
-from rtllm.runtime.memory import MemoryPlan, check_weights_fit, num_kv_blocks
+from rtllm.runtime.memory import MemoryPlan, check_weights_fit, kv_bytes_per_block, num_kv_blocks
 from rtllm.runtime.model_runner import ModelRunner
 
 logger = logging.getLogger(__name__)
@@ -33,6 +34,7 @@ class BuiltEngine:
     end_ids: tuple[int, ...]
     dtype: torch.dtype
     device: torch.device
+    kv_events: KVCacheEventBuffer | None = None
 
 
 def resolve_model_path(model: str | None) -> str:
@@ -77,15 +79,48 @@ def build_engine(args: LlmArgs) -> BuiltEngine:
         except RuntimeError:
             logger.warning("CUDA graph capture failed; generation steps run eagerly", exc_info=True)
             torch.cuda.synchronize(device)
-    kv_cache = KVCacheManager(num_blocks, args.kv_cache_config.tokens_per_block)
-    scheduler = Scheduler(kv_cache, args.max_batch_size, args.max_num_tokens, args.enable_chunked_prefill)
+    kv_cache, kv_events = _build_kv_cache_manager(runner, args, config, dtype, num_blocks)
+    scheduler = Scheduler(
+        kv_cache,
+        args.max_batch_size,
+        args.max_num_tokens,
+        args.enable_chunked_prefill,
+        args.scheduler_config.capacity_scheduler_policy,
+    )
     limits = EngineLimits(max_seq_len, args.max_num_tokens, config.vocab_size, args.enable_chunked_prefill)
     overlap = device.type == "cuda" if args.disable_overlap_scheduler is None else not args.disable_overlap_scheduler
     engine = Engine(runner, kv_cache, scheduler, Sampler(device, args.seed), limits, overlap=overlap)
     end_ids = config.eos_token_ids
     if not end_ids and tokenizer is not None and tokenizer.eos_token_id is not None:
         end_ids = (tokenizer.eos_token_id,)
-    return BuiltEngine(engine, config, path, tokenizer, end_ids, dtype, device)
+    return BuiltEngine(engine, config, path, tokenizer, end_ids, dtype, device, kv_events)
+
+
+def _build_kv_cache_manager(
+    runner: ModelRunner, args: LlmArgs, config: ModelConfig, dtype: torch.dtype, num_blocks: int
+) -> tuple[KVCacheManager, KVCacheEventBuffer | None]:
+    """The block manager, with its host tier and event buffer when configured."""
+    kv_config = args.kv_cache_config
+    events = KVCacheEventBuffer(kv_config.event_buffer_max_size) if kv_config.event_buffer_max_size else None
+    host_blocks = 0
+    if kv_config.host_cache_size:
+        per_block = kv_bytes_per_block(config, kv_config.tokens_per_block, dtype)
+        host_blocks = kv_config.host_cache_size // per_block
+        if host_blocks < 1:
+            raise ValueError(
+                f"host_cache_size={kv_config.host_cache_size} bytes is smaller than one KV block "
+                f"({per_block} bytes)"
+            )
+        runner.allocate_host_cache(host_blocks)
+    kv_cache = KVCacheManager(
+        num_blocks,
+        kv_config.tokens_per_block,
+        enable_block_reuse=kv_config.enable_block_reuse,
+        host_cache_blocks=host_blocks,
+        copier=runner,
+        events=events,
+    )
+    return kv_cache, events
 
 
 def _graph_batch_sizes(args: LlmArgs, device: torch.device) -> list[int]:

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
-from collections.abc import Sequence
+import math
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from tqdm import tqdm
 
+from rtllm.engine.stats import IterationStatsCollector
 from rtllm.executor.inproc_executor import InProcessExecutor
 from rtllm.executor.request import GenerationRequest
 from rtllm.executor.result import GenerationResult
@@ -55,7 +58,12 @@ class LLM:
         self.tokenizer = built.tokenizer
         self.dtype = built.dtype
         self.device = built.device
-        self._executor = InProcessExecutor(built.engine, built.tokenizer, built.end_ids)
+        iter_stats = None
+        if self.args.enable_iter_perf_stats:
+            iter_stats = IterationStatsCollector(self.args.iter_stats_max_iterations or 1000)
+        self._executor = InProcessExecutor(
+            built.engine, built.tokenizer, built.end_ids, kv_events=built.kv_events, iter_stats=iter_stats
+        )
 
     @property
     def executor(self) -> InProcessExecutor:
@@ -68,13 +76,16 @@ class LLM:
         inputs: PromptInput | Sequence[PromptInput],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = True,
+        priority: float | Sequence[float] = 0.0,
+        cache_salt: str | None = None,
     ) -> RequestOutput | list[RequestOutput]:
         """Generate for one prompt or a batch, blocking until all finish.
 
         ``inputs`` is a string, a list of token ids, a dict with ``prompt`` or
         ``prompt_token_ids``, or a list of these. ``sampling_params`` is one
-        :class:`SamplingParams` for all or a list with one per prompt. Returns one
-        :data:`RequestOutput` for a single prompt, else a list in input order.
+        :class:`SamplingParams` for all or a list with one per prompt; ``priority``
+        likewise (see :meth:`generate_async`). Returns one :data:`RequestOutput` for
+        a single prompt, else a list in input order.
         """
         single = _is_single_prompt(inputs)
         if not single and not isinstance(inputs, list | tuple):
@@ -91,10 +102,16 @@ class LLM:
             params_list = list(sampling_params)
         else:
             params_list = [sampling_params] * len(prompts)
+        if isinstance(priority, Sequence):
+            if len(priority) != len(prompts):
+                raise ValueError(f"priority has {len(priority)} entries for {len(prompts)} prompts")
+            priorities = list(priority)
+        else:
+            priorities = [priority] * len(prompts)
         results: list[RequestOutput] = []
         try:
-            for prompt, params in zip(prompts, params_list, strict=True):
-                results.append(self.generate_async(prompt, params))
+            for prompt, params, prio in zip(prompts, params_list, priorities, strict=True):
+                results.append(self.generate_async(prompt, params, priority=prio, cache_salt=cache_salt))
         except BaseException:
             for result in results:
                 result.abort()
@@ -109,19 +126,72 @@ class LLM:
         inputs: PromptInput,
         sampling_params: SamplingParams | None = None,
         streaming: bool = False,
+        priority: float = 0.0,
+        cache_salt: str | None = None,
     ) -> RequestOutput:
         """Submit one prompt and return at once.
 
         The result can be awaited (``await out``), waited on (``out.result()``) or
         iterated (``async for out in ...``); with ``streaming=True`` each iteration
         carries ``outputs[0].text_diff`` and ``token_ids_diff``.
+
+        ``priority``: waiting requests are admitted highest priority first, first
+        come first served within a priority (default 0). ``cache_salt``: requests
+        with different salts never share KV blocks (e.g. one salt per tenant).
         """
         params = sampling_params if sampling_params is not None else SamplingParams()
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling_params must be a SamplingParams, got {type(params).__name__}")
+        if not isinstance(priority, int | float) or isinstance(priority, bool) or not math.isfinite(priority):
+            raise ValueError(f"priority must be a finite number, got {priority!r}")
+        if cache_salt is not None and (not isinstance(cache_salt, str) or not cache_salt):
+            raise ValueError(f"cache_salt must be a non-empty string or None, got {cache_salt!r}")
         prompt_text, token_ids = self._tokenize(inputs, params)
-        request = GenerationRequest(token_ids, params, prompt=prompt_text, streaming=streaming)
+        request = GenerationRequest(
+            token_ids, params, prompt=prompt_text, streaming=streaming, priority=float(priority), cache_salt=cache_salt
+        )
         return self.executor.submit(request)
+
+    def get_stats(self, timeout: float = 2.0) -> list[dict[str, Any]]:
+        """Iteration stats recorded since the last call (needs ``enable_iter_perf_stats=True``).
+
+        Each entry: ``iter``, ``timestamp``, ``iterLatencyMS``, ``numActiveRequests``,
+        ``numQueuedRequests``, ``numCompletedRequests``, ``kvCacheStats`` (blocks
+        max/free/used, reused/missed, ``cacheHitRate``, host tier), ``inflightBatchingStats``
+        (context/generation requests and tokens scheduled, admitted, paused) and
+        ``requestStats`` (per request: ``stage``, tokens, ``timeToFirstTokenMs``).
+        Waits up to ``timeout`` seconds for the first entry; returns [] if none.
+        """
+        collector = self.executor.iter_stats
+        if collector is None:
+            raise RuntimeError("iteration stats are off; create the LLM with enable_iter_perf_stats=True")
+        return collector.get(timeout)
+
+    async def get_stats_async(self, timeout: float = 2.0) -> AsyncIterator[dict[str, Any]]:
+        """Like :meth:`get_stats`, as an async iterator that does not block the event loop."""
+        for entry in await asyncio.to_thread(self.get_stats, timeout):
+            yield entry
+
+    def get_kv_cache_events(self, timeout: float = 2.0) -> list[dict[str, Any]]:
+        """KV cache events since the last call, oldest first (needs
+        ``KvCacheConfig(event_buffer_max_size=N)``).
+
+        Each event is ``{"event_id": n, "data": {"type": ...}}`` with types ``created``,
+        ``stored`` (``parent_hash`` and ``blocks`` with ``block_hash`` and ``token_ids``),
+        ``removed`` (``block_hashes``) and ``updated`` (a block moved between cache
+        levels: 0 = device, 1 = host). Waits up to ``timeout`` seconds for the first.
+        """
+        events = self.executor.kv_events
+        if events is None:
+            raise RuntimeError(
+                "KV cache events are off; pass kv_cache_config=KvCacheConfig(event_buffer_max_size=N)"
+            )
+        return events.get(timeout)
+
+    async def get_kv_cache_events_async(self, timeout: float = 2.0) -> AsyncIterator[dict[str, Any]]:
+        """Like :meth:`get_kv_cache_events`, as an async iterator."""
+        for event in await asyncio.to_thread(self.get_kv_cache_events, timeout):
+            yield event
 
     def _tokenize(self, inputs: PromptInput, params: SamplingParams) -> tuple[str | None, list[int]]:
         if isinstance(inputs, dict):

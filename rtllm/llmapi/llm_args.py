@@ -6,18 +6,13 @@ field, the value given and what is allowed.
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass, field
 
 import torch
 
+from rtllm.engine.capacity_scheduler import CapacitySchedulerPolicy
 
-class CapacitySchedulerPolicy(enum.StrEnum):
-    """How the capacity scheduler admits requests against the KV cache."""
-
-    MAX_UTILIZATION = "MAX_UTILIZATION"
-    GUARANTEED_NO_EVICT = "GUARANTEED_NO_EVICT"
-    STATIC_BATCH = "STATIC_BATCH"
+__all__ = ["CapacitySchedulerPolicy", "CudaGraphConfig", "KvCacheConfig", "LlmArgs", "SchedulerConfig"]
 
 
 def _check_positive_int(name: str, value: object, *, allow_none: bool = False) -> None:
@@ -36,14 +31,22 @@ class KvCacheConfig:
         max_tokens: Size of the KV pool in tokens; None sizes it from free memory.
         free_gpu_memory_fraction: Fraction of free GPU memory (after weights and
             activations) given to the KV pool, in (0, 1].
-        enable_block_reuse: Reuse KV blocks across requests sharing a prefix
-            (not implemented yet; must stay False).
+        enable_block_reuse: Reuse the KV of full blocks across requests sharing a
+            prefix (prefix caching): blocks are matched by a hash chained over the
+            prefix, and free blocks keep their KV in an LRU until the space is needed.
+        host_cache_size: Bytes of host memory for a second tier: reusable blocks
+            evicted from the device pool are copied there and copied back on a later
+            hit instead of being recomputed. None or 0 disables it; needs block reuse.
+        event_buffer_max_size: Keep up to this many KV cache events (blocks stored,
+            removed, moved between tiers) for ``LLM.get_kv_cache_events``; 0 disables them.
     """
 
     tokens_per_block: int = 32
     max_tokens: int | None = None
     free_gpu_memory_fraction: float = 0.9
-    enable_block_reuse: bool = False
+    enable_block_reuse: bool = True
+    host_cache_size: int | None = None
+    event_buffer_max_size: int = 0
 
     def __post_init__(self) -> None:
         _check_positive_int("tokens_per_block", self.tokens_per_block)
@@ -57,8 +60,17 @@ class KvCacheConfig:
             raise ValueError(
                 f"free_gpu_memory_fraction must be in (0, 1], got {self.free_gpu_memory_fraction!r}"
             )
-        if self.enable_block_reuse:
-            raise NotImplementedError("enable_block_reuse=True (prefix caching) is not implemented yet")
+        if not isinstance(self.enable_block_reuse, bool):
+            raise ValueError(f"enable_block_reuse must be a bool, got {self.enable_block_reuse!r}")
+        if self.host_cache_size is not None:
+            size = self.host_cache_size
+            if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+                raise ValueError(f"host_cache_size must be a number of bytes >= 0, got {size!r}")
+            if size and not self.enable_block_reuse:
+                raise ValueError("host_cache_size needs enable_block_reuse=True (the host tier holds reusable blocks)")
+        size = self.event_buffer_max_size
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise ValueError(f"event_buffer_max_size must be an integer >= 0 (0 disables events), got {size!r}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,8 +78,12 @@ class SchedulerConfig:
     """Scheduling policy.
 
     Attributes:
-        capacity_scheduler_policy: Admission policy against the KV cache. Only
-            GUARANTEED_NO_EVICT is implemented; the others raise NotImplementedError.
+        capacity_scheduler_policy: Admission policy against the KV cache:
+            GUARANTEED_NO_EVICT (default) admits a request only when its blocks to
+            completion fit; MAX_UTILIZATION admits greedily and pauses the most
+            recently admitted requests when blocks run out (they resume later by
+            recomputation); STATIC_BATCH admits a new batch only when the previous
+            one has finished.
     """
 
     capacity_scheduler_policy: CapacitySchedulerPolicy = CapacitySchedulerPolicy.GUARANTEED_NO_EVICT
@@ -82,11 +98,6 @@ class SchedulerConfig:
                 f"got {self.capacity_scheduler_policy!r}"
             ) from None
         object.__setattr__(self, "capacity_scheduler_policy", policy)
-        if policy is not CapacitySchedulerPolicy.GUARANTEED_NO_EVICT:
-            raise NotImplementedError(
-                f"capacity_scheduler_policy={policy.value} is not implemented yet; "
-                "use GUARANTEED_NO_EVICT"
-            )
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,6 +180,10 @@ class LlmArgs:
         disable_overlap_scheduler: True runs each step to completion before the
             next is prepared; False overlaps host preparation of step N+1 with the
             device running step N; None (default) overlaps on CUDA only.
+        enable_iter_perf_stats: Collect per-iteration and per-request stats for
+            ``LLM.get_stats``.
+        iter_stats_max_iterations: Most iterations of stats kept until read (oldest
+            dropped first); None keeps 1000.
     """
 
     model: str | None = None
@@ -186,6 +201,8 @@ class LlmArgs:
     load_format: str = "auto"
     cuda_graph_config: CudaGraphConfig | None = field(default_factory=CudaGraphConfig)
     disable_overlap_scheduler: bool | None = None
+    enable_iter_perf_stats: bool = False
+    iter_stats_max_iterations: int | None = None
 
     def __post_init__(self) -> None:
         if self.cuda_graph_config is not None and not isinstance(self.cuda_graph_config, CudaGraphConfig):
@@ -197,6 +214,9 @@ class LlmArgs:
         _check_positive_int("max_batch_size", self.max_batch_size)
         _check_positive_int("max_num_tokens", self.max_num_tokens)
         _check_positive_int("max_seq_len", self.max_seq_len, allow_none=True)
+        _check_positive_int("iter_stats_max_iterations", self.iter_stats_max_iterations, allow_none=True)
+        if not isinstance(self.enable_iter_perf_stats, bool):
+            raise ValueError(f"enable_iter_perf_stats must be a bool, got {self.enable_iter_perf_stats!r}")
         if not isinstance(self.kv_cache_config, KvCacheConfig):
             raise ValueError(f"kv_cache_config must be a KvCacheConfig, got {type(self.kv_cache_config).__name__}")
         if not isinstance(self.scheduler_config, SchedulerConfig):

@@ -67,6 +67,7 @@ class ModelRunner:
         self.tokens_per_block = tokens_per_block
         self.backend = get_attention_backend(attention_backend)
         self.kv_caches: list[torch.Tensor] = []
+        self.host_kv_caches: list[torch.Tensor] = []  # the host tier, same layout
         self.num_blocks = 0
         self._num_clean_blocks = 0
         self.graphs = None  # a CudaGraphRunner once captured
@@ -90,6 +91,36 @@ class ModelRunner:
             num_blocks * self.tokens_per_block,
             sum(t.numel() * t.element_size() for t in self.kv_caches) / 2**20,
         )
+
+    def allocate_host_cache(self, num_blocks: int) -> None:
+        """Allocate the host tier: ``num_blocks`` blocks per layer in host memory
+        (pinned on CUDA, so copies to and from the device run asynchronously)."""
+        shape = (2, num_blocks, *self.kv_caches[0].shape[2:])
+        pin = self.device.type == "cuda"
+        self.host_kv_caches = [
+            torch.zeros(shape, dtype=self.dtype, pin_memory=pin) for _ in range(len(self.kv_caches))
+        ]
+        logger.info(
+            "host KV tier: %d blocks, %.1f MiB",
+            num_blocks,
+            sum(t.numel() * t.element_size() for t in self.host_kv_caches) / 2**20,
+        )
+
+    def offload(self, device_block: int, host_block: int) -> None:
+        """Copy one block's KV (every layer) to the host tier.
+
+        Queued on the current stream: it sees every write of the steps launched
+        before it, and the step that reuses ``device_block`` runs after it.
+        """
+        for device_cache, host_cache in zip(self.kv_caches, self.host_kv_caches, strict=True):
+            host_cache[:, host_block].copy_(device_cache[:, device_block], non_blocking=True)
+
+    def onload(self, host_block: int, device_block: int) -> None:
+        """Copy one block's KV (every layer) from the host tier into the device pool."""
+        # Zero first what lazy zeroing has not reached yet, so it cannot later wipe this copy.
+        self._zero_new_blocks(device_block)
+        for device_cache, host_cache in zip(self.kv_caches, self.host_kv_caches, strict=True):
+            device_cache[:, device_block].copy_(host_cache[:, host_block], non_blocking=True)
 
     def assemble(
         self, scheduled: list[ScheduledRequest], block_table_of: Callable[[int], list[int]]

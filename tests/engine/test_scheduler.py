@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections import deque
+from collections.abc import Iterable
 
 import pytest
 
@@ -15,6 +15,7 @@ from rtllm.engine.scheduler import (
     Scheduler,
     SchedulerOutput,
 )
+from rtllm.engine.waiting_queue import WaitingQueue
 
 
 def req(
@@ -26,6 +27,13 @@ def req(
         SamplingConfig(max_tokens=max_tokens),
         max_seq_len,
     )
+
+
+def queue_of(requests: Iterable[LlmRequest]) -> WaitingQueue:
+    waiting = WaitingQueue()
+    for r in requests:
+        waiting.push(r)
+    return waiting
 
 
 def gen_req(request_id: int, num_prompt: int = 3, num_output: int = 1) -> LlmRequest:
@@ -65,7 +73,7 @@ def test_blocks_to_completion_uses_prompt_plus_max_tokens() -> None:
 def test_admits_while_blocks_to_completion_fit() -> None:
     kv = KVCacheManager(10, 4)
     cap = CapacityScheduler(kv, 100)
-    waiting = deque(req(i, 4, max_tokens=8) for i in range(5))  # 3 blocks each
+    waiting = queue_of(req(i, 4, max_tokens=8) for i in range(5))  # 3 blocks each
     admitted = cap.admit([], waiting)
     assert [r.request_id for r in admitted] == [0, 1, 2]
     assert all(r.state is RequestState.RUNNING for r in admitted)
@@ -77,7 +85,7 @@ def test_admits_while_blocks_to_completion_fit() -> None:
 
 def test_exact_fit_is_admitted() -> None:
     cap = CapacityScheduler(KVCacheManager(6, 4), 100)
-    waiting = deque([req(0, 4, max_tokens=8), req(1, 5, max_tokens=7), req(2, 1, max_tokens=1)])
+    waiting = queue_of([req(0, 4, max_tokens=8), req(1, 5, max_tokens=7), req(2, 1, max_tokens=1)])
     # 3 + 3 = 6 blocks exactly; the third (1 block) no longer fits.
     assert [r.request_id for r in cap.admit([], waiting)] == [0, 1]
     assert [r.request_id for r in waiting] == [2]
@@ -87,7 +95,7 @@ def test_running_requests_reserve_their_worst_case() -> None:
     kv = KVCacheManager(10, 4)
     cap = CapacityScheduler(kv, 100)
     running = [req(0, 4, max_tokens=20)]  # 6 blocks reserved even though none is allocated
-    waiting = deque([req(1, 4, max_tokens=12), req(2, 4, max_tokens=12)])  # 4 blocks each
+    waiting = queue_of([req(1, 4, max_tokens=12), req(2, 4, max_tokens=12)])  # 4 blocks each
     assert [r.request_id for r in cap.admit(running, waiting)] == [1]
     assert [r.request_id for r in waiting] == [2]
 
@@ -97,7 +105,7 @@ def test_strict_fifo_head_blocks_smaller_requests_behind_it() -> None:
     running = [req(0, 4, max_tokens=16)]  # 5 blocks
     big = req(1, 8, max_tokens=16)  # 6 blocks: does not fit next to 5
     small = req(2, 1, max_tokens=1)  # 1 block: would fit
-    waiting = deque([big, small])
+    waiting = queue_of([big, small])
     assert cap.admit(running, waiting) == []
     assert list(waiting) == [big, small]
     assert small.state is RequestState.WAITING
@@ -107,7 +115,7 @@ def test_strict_fifo_head_blocks_smaller_requests_behind_it() -> None:
 
 def test_max_num_requests_caps_running() -> None:
     cap = CapacityScheduler(KVCacheManager(1000, 4), 3)
-    waiting = deque(req(i, 2) for i in range(6))
+    waiting = queue_of(req(i, 2) for i in range(6))
     running = [req(100, 2)]
     admitted = cap.admit(running, waiting)
     assert [r.request_id for r in admitted] == [0, 1]
@@ -118,7 +126,7 @@ def test_max_num_requests_caps_running() -> None:
 
 def test_request_larger_than_pool_is_never_admitted() -> None:
     cap = CapacityScheduler(KVCacheManager(2, 4), 10)
-    waiting = deque([req(0, 8, max_tokens=1)])  # 9 tokens -> 3 blocks > 2
+    waiting = queue_of([req(0, 8, max_tokens=1)])  # 9 tokens -> 3 blocks > 2
     assert cap.admit([], waiting) == []
     assert len(waiting) == 1
 

@@ -19,7 +19,9 @@ def test_kv_cache_config_defaults() -> None:
     assert c.tokens_per_block == 32
     assert c.max_tokens is None
     assert c.free_gpu_memory_fraction == 0.9
-    assert c.enable_block_reuse is False
+    assert c.enable_block_reuse is True
+    assert c.host_cache_size is None
+    assert c.event_buffer_max_size == 0
 
 
 @pytest.mark.parametrize("value", [1, 2, 8, 64, 1024])
@@ -65,9 +67,26 @@ def test_free_gpu_memory_fraction_string() -> None:
         KvCacheConfig(free_gpu_memory_fraction="0.5")  # type: ignore[arg-type]
 
 
-def test_block_reuse_not_implemented() -> None:
-    with pytest.raises(NotImplementedError, match="enable_block_reuse"):
-        KvCacheConfig(enable_block_reuse=True)
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"enable_block_reuse": 1}, "enable_block_reuse"),
+        ({"host_cache_size": -1}, "host_cache_size"),
+        ({"host_cache_size": 1.5}, "host_cache_size"),
+        ({"host_cache_size": 1 << 20, "enable_block_reuse": False}, "host_cache_size"),
+        ({"event_buffer_max_size": -3}, "event_buffer_max_size"),
+        ({"event_buffer_max_size": True}, "event_buffer_max_size"),
+    ],
+)
+def test_kv_cache_config_rejects_bad_reuse_settings(kwargs: dict[str, Any], field: str) -> None:
+    with pytest.raises(ValueError, match=field):
+        KvCacheConfig(**kwargs)
+
+
+def test_kv_cache_config_reuse_settings() -> None:
+    c = KvCacheConfig(host_cache_size=1 << 30, event_buffer_max_size=100)
+    assert (c.host_cache_size, c.event_buffer_max_size) == (1 << 30, 100)
+    assert KvCacheConfig(enable_block_reuse=False, host_cache_size=0).host_cache_size == 0
 
 
 def test_kv_cache_config_is_frozen() -> None:
@@ -99,11 +118,9 @@ def test_scheduler_config_accepts_policy_string() -> None:
         "STATIC_BATCH",
     ],
 )
-def test_other_policies_not_implemented(policy: Any) -> None:
-    with pytest.raises(NotImplementedError, match="capacity_scheduler_policy") as info:
-        SchedulerConfig(capacity_scheduler_policy=policy)
-    assert str(CapacitySchedulerPolicy(policy).value) in str(info.value)
-    assert "GUARANTEED_NO_EVICT" in str(info.value)
+def test_other_policies_accepted(policy: Any) -> None:
+    c = SchedulerConfig(capacity_scheduler_policy=policy)
+    assert c.capacity_scheduler_policy is CapacitySchedulerPolicy(policy)
 
 
 @pytest.mark.parametrize("policy", ["bogus", "", None, 3, "guaranteed-no-evict"])
@@ -223,8 +240,10 @@ def test_llm_rejects_unknown_kwargs_before_loading() -> None:
 def test_llm_validates_args_before_loading() -> None:
     with pytest.raises(ValueError, match="max_num_tokens"):
         LLM(model="/nonexistent/model", max_num_tokens=0)
-    with pytest.raises(NotImplementedError, match="enable_block_reuse"):
-        LLM(model="/nonexistent/model", kv_cache_config=KvCacheConfig(enable_block_reuse=True))
+    with pytest.raises(ValueError, match="host_cache_size"):
+        LLM(model="/nonexistent/model", kv_cache_config=KvCacheConfig(enable_block_reuse=False, host_cache_size=64))
+    with pytest.raises(ValueError, match="iter_stats_max_iterations"):
+        LLM(model="/nonexistent/model", iter_stats_max_iterations=0)
 
 
 # ---- resolve_dtype ---------------------------------------------------------------------

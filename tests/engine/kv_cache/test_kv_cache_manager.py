@@ -120,15 +120,15 @@ def test_free_returns_blocks_and_is_idempotent() -> None:
     assert kv.pool.ref_count(0) == 0
 
 
-def test_freed_blocks_are_reused_fifo() -> None:
+def test_freed_blocks_are_reused_fifo_tail_first() -> None:
     kv = KVCacheManager(4, 2)
     a, b, c = make_request(0), make_request(1), make_request(2)
     kv.allocate(a, 4)  # [0, 1]
     kv.allocate(b, 4)  # [2, 3]
-    kv.free(1)  # 2, 3 back
-    kv.free(0)  # 0, 1 back after them
+    kv.free(1)  # 3, 2 back (a table is freed tail first)
+    kv.free(0)  # 1, 0 back after them
     kv.allocate(c, 8)
-    assert kv.block_table(2) == [2, 3, 0, 1]
+    assert kv.block_table(2) == [3, 2, 1, 0]
 
 
 def test_request_table_restarts_after_free() -> None:
