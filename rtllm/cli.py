@@ -12,6 +12,33 @@ from typing import Any
 from rtllm.sampling_params import SamplingParams
 
 
+def add_cache_and_scheduler_args(group: Any) -> None:
+    """KV reuse, host tier and capacity policy options (shared by generate, bench and serve).
+
+    Every default is None, meaning "the LLM API's default".
+    """
+    group.add_argument("--enable-block-reuse", action=argparse.BooleanOptionalAction, default=None,
+                       help="reuse the KV of shared prompt prefixes (default: on)")
+    group.add_argument("--host-cache-size", type=int, default=None, metavar="BYTES",
+                       help="host memory for KV blocks evicted from the device pool (default: none)")
+    group.add_argument("--capacity-scheduler-policy", default=None,
+                       choices=["GUARANTEED_NO_EVICT", "MAX_UTILIZATION", "STATIC_BATCH"],
+                       help="admission policy (default: GUARANTEED_NO_EVICT)")
+
+
+def cache_and_scheduler_kwargs(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(KvCacheConfig fields, SchedulerConfig fields) given on the command line."""
+    kv: dict[str, Any] = {}
+    if args.enable_block_reuse is not None:
+        kv["enable_block_reuse"] = args.enable_block_reuse
+    if args.host_cache_size is not None:
+        kv["host_cache_size"] = args.host_cache_size
+    sched = {}
+    if args.capacity_scheduler_policy is not None:
+        sched["capacity_scheduler_policy"] = args.capacity_scheduler_policy
+    return kv, sched
+
+
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
     from rtllm.llmapi.llm_args import CudaGraphConfig, KvCacheConfig, LlmArgs
 
@@ -35,6 +62,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                        help="fraction of free GPU memory for the KV pool")
     group.add_argument("--enable-chunked-prefill", action="store_true",
                        help="split long prompts across steps")
+    add_cache_and_scheduler_args(group)
     group.add_argument("--load-format", default="auto", choices=["auto", "dummy"],
                        help="dummy: random weights (benchmarking a shape)")
     group.add_argument("--cuda-graph-max-batch-size", type=int, default=CudaGraphConfig().max_batch_size,
@@ -49,8 +77,9 @@ def build_llm(args: argparse.Namespace, **overrides: Any) -> Any:
 
     ``overrides`` are further ``LLM`` arguments (e.g. ``skip_tokenizer_init``).
     """
-    from rtllm import LLM, CudaGraphConfig, KvCacheConfig
+    from rtllm import LLM, CudaGraphConfig, KvCacheConfig, SchedulerConfig
 
+    kv, sched = cache_and_scheduler_kwargs(args)
     graphs = None if args.disable_cuda_graphs else CudaGraphConfig(max_batch_size=args.cuda_graph_max_batch_size)
     return LLM(
         model=args.model,
@@ -66,7 +95,9 @@ def build_llm(args: argparse.Namespace, **overrides: Any) -> Any:
             tokens_per_block=args.tokens_per_block,
             max_tokens=args.kv_cache_max_tokens,
             free_gpu_memory_fraction=args.kv_cache_free_gpu_memory_fraction,
+            **kv,
         ),
+        scheduler_config=SchedulerConfig(**sched),
         cuda_graph_config=graphs,
         disable_overlap_scheduler=True if args.disable_overlap_scheduler else None,
         **overrides,

@@ -27,6 +27,7 @@ _KV_FIELDS = {"tokens_per_block": "tokens_per_block", "kv_cache_max_tokens": "ma
 
 def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``serve`` subcommand to ``subparsers`` (from ``add_subparsers``)."""
+    from rtllm.cli import add_cache_and_scheduler_args
     from rtllm.llmapi.llm_args import KvCacheConfig, LlmArgs
     from rtllm.serve import DEFAULT_STALL_TIMEOUT_S
 
@@ -60,6 +61,7 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
                         help=f"fraction of free GPU memory for the KV pool (default: {kv.free_gpu_memory_fraction})")
     engine.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=None,
                         help="split long prompts across steps")
+    add_cache_and_scheduler_args(engine)
     engine.add_argument("--load-format", default=None, choices=["auto", "dummy"],
                         help="dummy: random weights (benchmarking a shape)")
     engine.add_argument("--seed", type=int, default=None, help=f"engine seed (default: {d.seed})")
@@ -107,6 +109,7 @@ def _nested(data: dict[str, Any], key: str) -> dict[str, Any]:
 
 def llm_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """The keyword arguments of :class:`rtllm.LLM`: --config, then the command line."""
+    from rtllm.cli import cache_and_scheduler_kwargs
     from rtllm.llmapi.llm_args import CudaGraphConfig, KvCacheConfig, SchedulerConfig
 
     kwargs = _load_config(args.config) if args.config else {}
@@ -125,6 +128,9 @@ def llm_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         value = getattr(args, dest)
         if value is not None:
             kv[field] = value
+    cli_kv, cli_sched = cache_and_scheduler_kwargs(args)
+    kv.update(cli_kv)
+    sched.update(cli_sched)
     try:
         kwargs["kv_cache_config"] = KvCacheConfig(**kv)
         if sched:

@@ -106,3 +106,16 @@ def test_cuda_graph_and_overlap_options(tmp_path: Any) -> None:
     assert llm_kwargs(parse("--disable-cuda-graphs"))["cuda_graph_config"] is None
     config.write_text("cuda_graph_config: null\n", encoding="utf-8")
     assert llm_kwargs(parse("--config", str(config)))["cuda_graph_config"] is None
+
+
+def test_reuse_host_tier_and_policy_options(tmp_path: Any) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text("kv_cache_config:\n  host_cache_size: 1024\nscheduler_config:\n  capacity_scheduler_policy: STATIC_BATCH\n")
+    kwargs = llm_kwargs(parse("--config", str(config), "--capacity-scheduler-policy", "MAX_UTILIZATION"))
+    assert kwargs["kv_cache_config"].host_cache_size == 1024
+    assert kwargs["kv_cache_config"].enable_block_reuse is True
+    assert kwargs["scheduler_config"].capacity_scheduler_policy == "MAX_UTILIZATION"
+    kwargs = llm_kwargs(parse("--no-enable-block-reuse"))
+    assert kwargs["kv_cache_config"].enable_block_reuse is False
+    with pytest.raises(ValueError, match="host_cache_size"):
+        llm_kwargs(parse("--no-enable-block-reuse", "--host-cache-size", "4096"))
