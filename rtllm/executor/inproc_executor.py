@@ -91,6 +91,9 @@ class InProcessExecutor(GenerationExecutor):
             "num_steps": engine.num_steps,
             "kv_blocks_total": kv_cache.num_blocks,
             "kv_blocks_used": kv_cache.num_blocks - kv_cache.num_free_blocks,
+            "prefix_cache_hit_blocks": kv_cache.counters.reused_blocks,
+            "prefix_cache_queried_blocks": kv_cache.counters.reused_blocks + kv_cache.counters.missed_blocks,
+            "num_paused_total": engine.scheduler.num_paused_total,
         }
 
     # ---- engine thread -----------------------------------------------------------------

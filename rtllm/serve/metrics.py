@@ -64,6 +64,12 @@ class _EngineCollector(Collector):
         yield gauge("rtllm:kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0..1).", usage)
         yield gauge("rtllm:kv_cache_blocks_total", "KV-cache blocks in the pool.", total)
         yield gauge("rtllm:engine_steps", "Engine steps run so far.", stats["num_steps"])
+        yield gauge("rtllm:prefix_cache_hits", "Full prompt KV blocks served from the prefix cache so far.",
+                    stats["prefix_cache_hit_blocks"])
+        yield gauge("rtllm:prefix_cache_queries", "Full prompt KV blocks looked up in the prefix cache so far.",
+                    stats["prefix_cache_queried_blocks"])
+        yield gauge("rtllm:num_preemptions", "Requests paused for recomputation so far (MAX_UTILIZATION).",
+                    stats["num_paused_total"])
 
 
 class RequestTimer:

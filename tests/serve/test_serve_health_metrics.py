@@ -37,6 +37,8 @@ def test_metrics_count_requests_tokens_and_latencies(llm: LLM) -> None:
     assert metric_value(text, "rtllm:num_requests_running", **labels) == 0
     assert metric_value(text, "rtllm:num_requests_waiting", **labels) == 0
     assert metric_value(text, "rtllm:kv_cache_usage_perc", **labels) == 0
+    assert metric_value(text, "rtllm:prefix_cache_hits", **labels) == 0
+    assert metric_value(text, "rtllm:num_preemptions", **labels) == 0
     assert metric_value(text, "rtllm:engine_alive", **labels) == 1
 
 
