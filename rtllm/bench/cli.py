@@ -2,14 +2,28 @@
 
 Parser setup imports nothing heavy; the model, torch and the engine are imported
 when a benchmark runs.
+
+Workloads for prefix reuse and chunked context (see :mod:`rtllm.bench.workload_cli`):
+
+- ``--shared-prefix-len N [--num-prefixes K]`` (throughput, latency): prompts
+  share one of K random N-token prefixes (a shared system prompt);
+- ``--num-turns T`` (throughput): multi-turn conversations, each turn extending
+  the previous turn's prompt and output; TTFT of first and later turns;
+- ``--long-prompt-len L [--long-prompt-after-tokens M]`` (throughput): an L-token
+  prompt arrives among running streams; their inter-token latency meanwhile.
+
+Every report has a ``kv_cache`` section with the prefix-cache counters of the
+measured run (reused/missed blocks, hit rate, host-tier onloads/offloads).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
+from collections.abc import Callable
 from typing import Any
 
 logger = logging.getLogger(__name__)
@@ -20,6 +34,7 @@ DEFAULT_NUM_REQUESTS = 32
 
 
 def _add_bench_args(parser: argparse.ArgumentParser, *, with_concurrency: bool) -> None:
+    from rtllm.bench.workload_cli import add_workload_args
     from rtllm.cli import add_engine_args
 
     add_engine_args(parser)
@@ -54,6 +69,7 @@ def _add_bench_args(parser: argparse.ArgumentParser, *, with_concurrency: bool) 
                           "unless the dataset has text prompts)")
     run.add_argument("--report-json", default=None, metavar="PATH", help="also write the report as JSON")
     run.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    add_workload_args(parser, mode="throughput" if with_concurrency else "latency")
 
 
 def add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -71,16 +87,19 @@ def add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
     throughput = modes.add_parser(
         "throughput", help="offline throughput: all requests (or --concurrency) in flight",
         description="Submit every request at once (or keep --concurrency in flight) and report "
-                    "throughput, TTFT, TPOT and inter-token latency.",
+                    "throughput, TTFT, TPOT, inter-token latency and prefix-cache hits. Workloads: "
+                    "shared prompt prefixes (--shared-prefix-len), multi-turn conversations "
+                    "(--num-turns), a long prompt among running streams (--long-prompt-len).",
     )
     _add_bench_args(throughput, with_concurrency=True)
-    throughput.set_defaults(func=run_bench)
+    throughput.set_defaults(func=functools.partial(run_bench, parser=throughput))
     latency = modes.add_parser(
         "latency", help="latency: one request at a time",
-        description="Run requests one at a time and report TTFT, TPOT and inter-token latency.",
+        description="Run requests one at a time and report TTFT, TPOT, inter-token latency and "
+                    "prefix-cache hits. Workload: shared prompt prefixes (--shared-prefix-len).",
     )
     _add_bench_args(latency, with_concurrency=False)
-    latency.set_defaults(func=run_bench)
+    latency.set_defaults(func=functools.partial(run_bench, parser=latency))
 
     from rtllm.bench.serving import add_serving_parser
 
@@ -112,14 +131,30 @@ def special_token_ids(llm: Any) -> set[int]:
     return ids
 
 
-def run_bench(args: argparse.Namespace) -> int:
+def run_bench(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None) -> int:
     """Run ``rtllm bench throughput|latency`` for parsed ``args``; print the report.
 
-    Returns 0, or 1 when some requests failed (the report is still printed).
+    Invalid workload options exit through ``parser.error`` (``ValueError`` without
+    a parser). Returns 0, or 1 when some requests failed (the report is still printed).
     """
-    from rtllm.bench.dataset import dataset_stats, load_jsonl_dataset, synthetic_dataset
+    from rtllm.bench.dataset import dataset_stats, load_jsonl_dataset
     from rtllm.bench.latency import latency_benchmark
     from rtllm.bench.throughput import throughput_benchmark
+    from rtllm.bench.workload_cli import (
+        check_long_prompt_streams,
+        has_workload,
+        run_workload,
+        validate_workload_args,
+    )
+    from rtllm.bench.workloads import shared_prefix_dataset
+
+    def option_error(check: Callable[..., None], *check_args: Any) -> None:
+        try:
+            check(*check_args)
+        except ValueError as exc:
+            if parser is None:
+                raise
+            parser.error(str(exc))
 
     mode = args.bench_mode
     concurrency = getattr(args, "concurrency", None)
@@ -130,25 +165,32 @@ def run_bench(args: argparse.Namespace) -> int:
     _check_positive("--warmup", args.warmup, allow_zero=True)
     _check_positive("--input-len-std", args.input_len_std, allow_zero=True)
     _check_positive("--output-len-std", args.output_len_std, allow_zero=True)
+    option_error(validate_workload_args, args)
 
     requests = None
     if args.dataset is not None:
         if args.input_len is not None or args.input_len_std or args.output_len_std:
             logger.warning("--input-len, --input-len-std and --output-len-std are ignored with --dataset")
         requests = load_jsonl_dataset(args.dataset, args.output_len, args.num_requests)
+        if args.long_prompt_len is not None:
+            option_error(check_long_prompt_streams, args, len(requests))
     need_tokenizer = args.detokenize or (requests is not None and any(r.prompt is not None for r in requests))
     llm = _build_llm(args, need_tokenizer)
     try:
+        exclude_ids = special_token_ids(llm)
         if requests is None:
-            requests = synthetic_dataset(
+            # Without --shared-prefix-len: exactly synthetic_dataset's requests.
+            requests = shared_prefix_dataset(
                 args.num_requests or DEFAULT_NUM_REQUESTS,
                 args.input_len or DEFAULT_INPUT_LEN,
                 args.output_len or DEFAULT_OUTPUT_LEN,
                 llm.model_config.vocab_size,
+                shared_prefix_len=args.shared_prefix_len or 0,
+                num_prefixes=args.num_prefixes or 1,
                 input_len_std=args.input_len_std,
                 output_len_std=args.output_len_std,
                 seed=args.seed,
-                exclude_ids=special_token_ids(llm),
+                exclude_ids=exclude_ids,
             )
             dataset_name = "synthetic"
         else:
@@ -168,7 +210,9 @@ def run_bench(args: argparse.Namespace) -> int:
             "detokenize": need_tokenizer,
         }
         show = not args.no_progress
-        if mode == "throughput":
+        if has_workload(args):
+            report = run_workload(llm, args, requests, metadata, exclude_ids)
+        elif mode == "throughput":
             report = throughput_benchmark(llm, requests, concurrency=concurrency, warmup=args.warmup,
                                           metadata=metadata, show_progress=show)
         elif mode == "latency":

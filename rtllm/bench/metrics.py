@@ -12,6 +12,13 @@ Definitions (all times in seconds on one monotonic clock, reported in ms):
   tokens/s and total (input + output) tokens/s divide by it.
 
 Percentiles interpolate linearly between the closest ranks (numpy's default).
+
+A report may carry sections (``kv_cache``, ``shared_prefix``, ``multi_turn``,
+``long_prompt``): top-level keys of its JSON and blocks of its text table. The
+``kv_cache`` section (:func:`kv_cache_section`) holds the difference of the
+engine's KV cache counters (``reused_blocks``, ``missed_blocks``,
+``onloaded_blocks``, ``offloaded_blocks``, ``alloc_*``) over the measured run and
+its ``cache_hit_rate`` = reused / (reused + missed) full prompt blocks looked up.
 """
 
 from __future__ import annotations
@@ -131,9 +138,14 @@ class BenchmarkReport:
     e2e_latency_ms: Stats | None
     peak_gpu_memory_bytes: int | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
+    sections: dict[str, dict[str, Any] | None] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-serializable dict (stats as ``{mean, p50, p90, p99, count}`` or None)."""
+        """A JSON-serializable dict (stats as ``{mean, p50, p90, p99, count}`` or None).
+
+        Each of ``sections`` (``kv_cache``, ``multi_turn``, ``long_prompt``, ...) is a
+        top-level key of its own.
+        """
         out: dict[str, Any] = {"metadata": dict(self.metadata)}
         for name in ("num_requests", "num_failed", "total_input_tokens", "total_output_tokens",
                      "duration_s", "request_throughput", "output_throughput", "total_token_throughput"):
@@ -142,6 +154,8 @@ class BenchmarkReport:
             stats = getattr(self, name)
             out[name] = None if stats is None else stats.to_dict()
         out["peak_gpu_memory_bytes"] = self.peak_gpu_memory_bytes
+        for name, section in self.sections.items():
+            out[name] = None if section is None else dict(section)
         return out
 
     def format_table(self) -> str:
@@ -174,8 +188,115 @@ class BenchmarkReport:
                 lines.append(f"{name:<20}{'n/a':>11}")
             else:
                 lines.append(f"{name:<20}{stats.mean:>11.3f}{stats.p50:>11.3f}{stats.p90:>11.3f}{stats.p99:>11.3f}")
+        for name, section in self.sections.items():
+            lines += format_section(name, section)
         lines.append("=" * 64)
         return "\n".join(lines)
+
+
+def _format_value(value: Any) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.4f}" if abs(value) < 1 else f"{value:.2f}"
+    if isinstance(value, list | tuple):
+        return ", ".join(_format_value(v) for v in value)
+    return str(value)
+
+
+def format_section(name: str, section: dict[str, Any] | None) -> list[str]:
+    """Text-table lines of one report section: scalars as rows, stats dicts as a table.
+
+    A stats dict is one with a ``mean`` key (``{mean, p50, p90, p99[, max], count}``);
+    a key whose value is None but ends in ``_ms`` is shown as a stats row of ``n/a``.
+    """
+    lines = ["-" * 64, name.replace("_", " ")]
+    if section is None:
+        return [*lines, f"{'':<34}n/a"]
+    stats_rows: list[tuple[str, dict[str, Any] | None]] = []
+    for key, value in section.items():
+        if (isinstance(value, dict) and "mean" in value) or (value is None and key.endswith("_ms")):
+            stats_rows.append((key, value))
+        elif isinstance(value, dict):
+            lines += [f"{key + '.' + k:<34}{_format_value(v)}" for k, v in value.items()]
+        else:
+            lines.append(f"{key:<34}{_format_value(value)}")
+    if stats_rows:
+        lines.append(f"{'(ms)':<24}{'mean':>8}{'p50':>8}{'p90':>8}{'p99':>8}{'max':>8}")
+        for key, stats in stats_rows:
+            label = key.removesuffix("_ms")
+            if stats is None:
+                lines.append(f"{label:<24}{'n/a':>8}")
+                continue
+            cells = "".join(
+                f"{stats[k]:>8.2f}" if stats.get(k) is not None else f"{'':>8}"
+                for k in ("mean", "p50", "p90", "p99", "max")
+            )
+            lines.append(f"{label:<24}{cells}  (n={stats.get('count', '?')})")
+    return lines
+
+
+def summarize_ms(values: Sequence[float]) -> dict[str, float | int] | None:
+    """``{mean, p50, p90, p99, max, count}`` of ``values`` (seconds) in ms; None if empty."""
+    stats = Stats.of(values, _MS)
+    if stats is None:
+        return None
+    return {**stats.to_dict(), "max": max(values) * _MS}
+
+
+KV_CACHE_COUNTERS = (
+    "reused_blocks", "missed_blocks", "onloaded_blocks", "offloaded_blocks",
+    "alloc_total_blocks", "alloc_new_blocks",
+)
+
+
+def _kv_cache_manager(llm: Any) -> Any:
+    try:
+        return llm.executor.engine.kv_cache
+    except (AttributeError, RuntimeError):  # no such attribute, or the LLM was shut down
+        return None
+
+
+def read_kv_cache_counters(llm: Any) -> dict[str, int] | None:
+    """A snapshot of ``llm.executor.engine.kv_cache.counters``, or None without them.
+
+    Counters that the engine does not have are left out.
+    """
+    counters = getattr(_kv_cache_manager(llm), "counters", None)
+    if counters is None:
+        return None
+    snapshot = {n: getattr(counters, n) for n in KV_CACHE_COUNTERS if hasattr(counters, n)}
+    return {k: int(v) for k, v in snapshot.items() if isinstance(v, int | float)} or None
+
+
+def kv_cache_section(
+    before: dict[str, int] | None, after: dict[str, int] | None, llm: Any = None
+) -> dict[str, Any] | None:
+    """The prefix-cache counters of the measured run: ``after - before`` per counter.
+
+    ``cache_hit_rate`` is ``reused / (reused + missed)`` over the run (0 without
+    lookups); ``enable_block_reuse`` and ``tokens_per_block`` come from ``llm``'s
+    KV cache when known, and ``cache_hit_rate_since_start`` from its counters'
+    ``cache_hit_rate``. None when the counters could not be read.
+    """
+    if after is None:
+        return None
+    base = before or {}
+    scope = "measured run (warm-up excluded)" if before else "since start-up"
+    section: dict[str, Any] = {"scope": scope}
+    kv_cache = _kv_cache_manager(llm)
+    for name in ("enable_block_reuse", "tokens_per_block"):
+        if hasattr(kv_cache, name):
+            section[name] = getattr(kv_cache, name)
+    for name, value in after.items():
+        section[name] = value - base.get(name, 0)
+    if "reused_blocks" in section and "missed_blocks" in section:
+        looked_up = section["reused_blocks"] + section["missed_blocks"]
+        section["cache_hit_rate"] = section["reused_blocks"] / looked_up if looked_up else 0.0
+    rate = getattr(getattr(kv_cache, "counters", None), "cache_hit_rate", None)
+    if isinstance(rate, int | float):
+        section["cache_hit_rate_since_start"] = float(rate)
+    return section
 
 
 def compute_report(
