@@ -1,5 +1,6 @@
 """rtllm: an LLM inference engine in Python, with TensorRT-LLM's API."""
 
+from rtllm.executor.result import Logprob
 from rtllm.llmapi import (
     LLM,
     CapacitySchedulerPolicy,
@@ -12,6 +13,7 @@ from rtllm.llmapi import (
     SchedulerConfig,
 )
 from rtllm.sampling_params import SamplingParams
+from rtllm.structured.params import GuidedDecodingParams
 
 __version__ = "0.1.0"
 
@@ -20,8 +22,10 @@ __all__ = [
     "CapacitySchedulerPolicy",
     "CompletionOutput",
     "CudaGraphConfig",
+    "GuidedDecodingParams",
     "KvCacheConfig",
     "LlmArgs",
+    "Logprob",
     "RequestError",
     "RequestOutput",
     "SamplingParams",

@@ -18,24 +18,14 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
+    from rtllm.structured.params import GuidedDecodingParams
+
 _NOT_YET_WIRED: frozenset[str] = frozenset(
     {
         "n",
-        "min_p",
-        "repetition_penalty",
-        "presence_penalty",
-        "frequency_penalty",
-        "no_repeat_ngram_size",
-        "bad",
-        "bad_token_ids",
-        "min_tokens",
-        "embedding_bias",
-        "logits_processor",
         "truncate_prompt_tokens",
         "exclude_input_from_output",
         "return_context_logits",
-        "return_generation_logits",
-        "logprobs",
         "prompt_logprobs",
         "best_of",
         "use_beam_search",
@@ -144,7 +134,7 @@ _RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
 class SamplingParams:
     """How to sample the continuation of one prompt.
 
-    Fields marked *(not applied yet)* raise ``NotImplementedError`` when given a non-default
+    Fields marked raise ``NotImplementedError`` when given a non-default
     value, until the engine supports them.
 
     Attributes:
@@ -166,55 +156,58 @@ class SamplingParams:
         add_special_tokens: Add the tokenizer's special tokens (e.g. BOS) to text prompts.
         n: Number of sequences to return per prompt (>= 1; only 1 is applied yet).
         min_p: Keep only tokens whose probability is at least ``min_p`` times that of the
-            most likely token, in [0, 1]; 0 disables it *(not applied yet)*.
+            most likely token, in [0, 1]; 0 disables it.
         repetition_penalty: Divide the positive logits (multiply the negative ones) of every
             token that occurs in the prompt or the generated tokens by this factor, > 0;
             1.0 disables it. Counts prompt + generated tokens, like transformers'
-            ``RepetitionPenaltyLogitsProcessor`` *(not applied yet)*.
+            ``RepetitionPenaltyLogitsProcessor``.
         presence_penalty: Subtracted once from the logit of every token that occurs in the
             generated tokens (the prompt is not counted; OpenAI's definition), in [-2, 2];
-            0 disables it *(not applied yet)*.
+            0 disables it.
         frequency_penalty: Subtracted from a token's logit once per occurrence of that token
             in the generated tokens (the prompt is not counted; OpenAI's definition), in
-            [-2, 2]; 0 disables it *(not applied yet)*.
+            [-2, 2]; 0 disables it.
         no_repeat_ngram_size: Forbid any n-gram of this size from occurring twice in prompt +
-            generated tokens (>= 0); 0 disables it *(not applied yet)*.
+            generated tokens (>= 0); 0 disables it.
         bad: String(s) never to generate; the last token of a word is banned when the output
-            ends with the tokens before it (vLLM alias: ``bad_words``) *(not applied yet)*.
-        bad_token_ids: Token ids never to generate *(not applied yet)*.
+            ends with the tokens before it (vLLM alias: ``bad_words``).
+        bad_token_ids: Token ids never to generate.
         min_tokens: Generate at least this many tokens before an end-of-sequence token or a
-            ``stop_token_ids`` token may end the request (>= 0, <= ``max_tokens``) *(not applied yet)*.
+            ``stop_token_ids`` token may end the request (>= 0, <= ``max_tokens``).
         embedding_bias: 1-D floating-point tensor of vocabulary size, added to the logits
-            at every step *(not applied yet)*.
+            at every step.
         logits_processor: Callable (or list of them) that rewrites one request's logits
             each step; the calling convention is fixed when the engine applies it (vLLM
-            alias: ``logits_processors``) *(not applied yet)*.
+            alias: ``logits_processors``).
         truncate_prompt_tokens: Keep only the last k prompt tokens (k >= 1); None keeps the
-            whole prompt *(not applied yet)*.
+            whole prompt.
         exclude_input_from_output: Leave the prompt out of the returned tokens and text
             (True, the engine's behaviour); False is *not applied yet*.
         return_context_logits: Return the logits of every prompt position
-            *(not applied yet)*.
+           .
         return_generation_logits: Return the logits of every generated position
-            *(not applied yet)*.
+           .
         logprobs: Return the log-probability of each generated token and of the k most
             likely tokens at that step (k >= 0; 0 returns the generated token's only);
             None returns none. They are taken from the distribution after penalties and
             temperature, before top-k/top-p/min-p truncation (:mod:`rtllm.engine.logprobs`)
-            *(not applied yet)*.
-        prompt_logprobs: Like ``logprobs``, for the prompt tokens *(not applied yet)*.
+           .
+        prompt_logprobs: Like ``logprobs``, for the prompt tokens.
         best_of: Number of sequences generated, of which the best ``n`` are returned
-            (>= ``n``); None means ``n`` *(not applied yet)*.
+            (>= ``n``); None means ``n``.
         use_beam_search: Beam search with ``best_of`` (or ``n``) beams instead of sampling
-            *(not applied yet)*.
+           .
         length_penalty: Beam search scores a finished beam as its cumulative log-probability
             divided by ``length ** length_penalty`` (finite); 1.0 is the default
-            *(not applied yet)*.
+           .
         early_stopping: When beam search stops, as TensorRT-LLM's integer (>= 0; a bool
             reads as 0 or 1): 1 (True, the default) stops as soon as beam-width beams have
             finished; 0 (False) and larger values select TensorRT-LLM's other stopping
             rules, which decide whether an unfinished beam could still beat the finished
-            ones *(not applied yet)*.
+            ones.
+        guided_decoding: A :class:`rtllm.structured.GuidedDecodingParams` (JSON schema,
+            regex, EBNF grammar or any JSON object) the output must match; the engine masks
+            every step's logits with xgrammar's token bitmask for this request.
         bad_words: vLLM alias of ``bad``; give one or the other.
         logits_processors: vLLM alias of ``logits_processor``; give one or the other.
     """
@@ -255,6 +248,7 @@ class SamplingParams:
     use_beam_search: bool = False
     length_penalty: float = 1.0
     early_stopping: bool | int = 1
+    guided_decoding: GuidedDecodingParams | None = None
     bad_words: str | list[str] | None = field(default=None, repr=False)
     logits_processors: Callable[..., Any] | list[Callable[..., Any]] | None = field(
         default=None, repr=False
@@ -302,6 +296,15 @@ class SamplingParams:
                 f"an integer >= n ({self.n}) or None",
             )
         self._validate_embedding_bias()
+        if self.guided_decoding is not None:
+            from rtllm.structured.params import GuidedDecodingParams
+
+            _require(
+                isinstance(self.guided_decoding, GuidedDecodingParams),
+                "guided_decoding",
+                self.guided_decoding,
+                "a GuidedDecodingParams or None",
+            )
 
     def _validate_embedding_bias(self) -> None:
         bias = self.embedding_bias

@@ -18,28 +18,16 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
-
-import torch
+from dataclasses import dataclass
 
 from rtllm.engine.kv_cache.kv_cache_manager import KVCacheManager
 from rtllm.engine.llm_request import PENDING_TOKEN, FinishReason, LlmRequest
 from rtllm.engine.sampler import Sampler
 from rtllm.engine.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
+from rtllm.engine.step_output import LaunchedStep, RequestUpdate
 from rtllm.runtime.model_runner import ModelRunner, TokenSources
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(slots=True)
-class RequestUpdate:
-    """What one step produced for one request."""
-
-    request_id: int
-    new_token_ids: list[int]
-    finished: bool = False
-    finish_reason: FinishReason | None = None
-    error: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,32 +38,6 @@ class EngineLimits:
     max_num_tokens: int
     vocab_size: int
     enable_chunked_prefill: bool
-
-
-@dataclass(slots=True)
-class _LaunchedStep:
-    """A step whose sampled tokens may still be on the device."""
-
-    requests: list[LlmRequest]  # the requests that sampled, in row order
-    tokens: torch.Tensor  # [len(requests)] device tensor of sampled ids
-    row_of: dict[int, int] = field(default_factory=dict)  # request id -> row
-    host_tokens: torch.Tensor | None = None  # pinned copy, valid once `copied` completes
-    copied: torch.cuda.Event | None = None
-
-    def start_copy(self) -> None:
-        """Queue the device-to-host copy right behind the sampling kernels, so the
-        commit waits for this step only, not for steps launched after it."""
-        if self.tokens.is_cuda:
-            self.host_tokens = torch.empty(self.tokens.shape, dtype=self.tokens.dtype, pin_memory=True)
-            self.host_tokens.copy_(self.tokens, non_blocking=True)
-            self.copied = torch.cuda.Event()
-            self.copied.record()
-
-    def token_list(self) -> list[int]:
-        if self.copied is None:
-            return self.tokens.tolist()
-        self.copied.synchronize()
-        return self.host_tokens.tolist()
 
 
 class Engine:
@@ -98,7 +60,7 @@ class Engine:
         self.overlap = overlap
         self.requests: dict[int, LlmRequest] = {}
         self.num_steps = 0
-        self._in_flight: _LaunchedStep | None = None
+        self._in_flight: LaunchedStep | None = None
         # What the last step scheduled, and (when track_finished is set, for the
         # per-request stats) the requests finished since take_finished() was called.
         self.last_output: SchedulerOutput | None = None
@@ -169,7 +131,13 @@ class Engine:
         previous, self._in_flight = self._in_flight, None
         output = self.scheduler.schedule()
         self.last_output = output
-        launched: _LaunchedStep | None = None
+        if previous is not None and _needs_committed_history(output.scheduled, previous):
+            # Some request's logits processing (penalties, grammar, ...) needs the token
+            # still on the device: commit the previous step first (no overlap this step).
+            self._commit(previous, updates)
+            previous = None
+            output.scheduled = [s for s in output.scheduled if not s.request.is_finished]
+        launched: LaunchedStep | None = None
         if output:
             self.num_steps += 1
             try:
@@ -189,16 +157,16 @@ class Engine:
                 self._commit(launched, updates)
         return updates
 
-    def _launch(self, scheduled: list[ScheduledRequest], previous: _LaunchedStep | None) -> _LaunchedStep | None:
+    def _launch(self, scheduled: list[ScheduledRequest], previous: LaunchedStep | None) -> LaunchedStep | None:
         sources = self._token_sources(scheduled, previous)
         logits = self.runner.execute(scheduled, self.kv_cache.block_table, sources)
         sampling = [item.request for item in scheduled if item.samples]
-        tokens = self.sampler.sample_async(logits, sampling) if sampling else None
+        sample = self.sampler.sample_async(logits, sampling) if sampling else None
         for item in scheduled:
             item.request.num_computed_tokens += item.num_new_tokens
-        if tokens is None:
+        if sample is None:
             return None
-        launched = _LaunchedStep(sampling, tokens)
+        launched = LaunchedStep(sampling, sample)
         launched.start_copy()
         for row, request in enumerate(sampling):
             request.output_token_ids.append(PENDING_TOKEN)
@@ -207,7 +175,7 @@ class Engine:
         return launched
 
     @staticmethod
-    def _token_sources(scheduled: list[ScheduledRequest], previous: _LaunchedStep | None) -> TokenSources | None:
+    def _token_sources(scheduled: list[ScheduledRequest], previous: LaunchedStep | None) -> TokenSources | None:
         """Where this step's placeholder input tokens are on the device."""
         if previous is None:
             return None
@@ -224,22 +192,38 @@ class Engine:
                 src.append(previous.row_of[request.request_id])
         return TokenSources(previous.tokens, dst, src) if dst else None
 
-    def _commit(self, launched: _LaunchedStep, updates: list[RequestUpdate]) -> None:
+    def _commit(self, launched: LaunchedStep, updates: list[RequestUpdate]) -> None:
         try:
-            tokens = launched.token_list()
+            outputs = launched.host_outputs()
         except Exception as exc:  # noqa: BLE001 - a device error surfaces here
             for request in launched.requests:
                 if not request.is_finished:
                     self._fail(request, exc, updates)
             return
-        for request, token in zip(launched.requests, tokens, strict=True):
+        logit_rows = {row: j for j, row in enumerate(launched.sample.generation_logit_rows)}
+        for row, (request, token) in enumerate(zip(launched.requests, outputs["tokens"], strict=True)):
             if request.is_finished:
                 continue  # finished (or aborted) while this step was in flight
             request.output_token_ids[len(request.output_token_ids) - request.num_pending_tokens] = token
             request.num_pending_tokens -= 1
             if request.first_token_time is None:
                 request.first_token_time = time.monotonic()
-            updates.append(self._check_finish(request, token))
+            logprobs = None
+            sampling = request.sampling
+            if sampling.needs_logprobs:
+                entry = launched.token_logprobs(outputs, row, token, sampling.num_logprobs or 0)
+                request.cumulative_logprob += entry.logprob
+                logprobs = [entry] if sampling.num_logprobs is not None else None
+            if request.grammar is not None and not request.grammar.accept(token):
+                self._fail(request, RuntimeError(f"token {token} violates the request's grammar"), updates)
+                continue
+            update = self._check_finish(request, token)
+            update.logprobs = logprobs
+            if sampling.needs_logprobs:
+                update.cumulative_logprob = request.cumulative_logprob
+            if row in logit_rows:
+                update.generation_logits = outputs["generation_logits"][logit_rows[row]].unsqueeze(0)
+            updates.append(update)
 
     def _retry_alone(self, scheduled: list[ScheduledRequest], updates: list[RequestUpdate]) -> None:
         for item in scheduled:
@@ -276,3 +260,11 @@ class Engine:
         self._in_flight = None
         for request_id in list(self.requests):
             self.finish_request(request_id, FinishReason.CANCELLED)
+
+
+def _needs_committed_history(scheduled: list[ScheduledRequest], previous: LaunchedStep) -> bool:
+    """True when a request sampling this step needs a token that ``previous`` still holds."""
+    return any(
+        item.samples and item.request.sampling.needs_history and item.request.request_id in previous.row_of
+        for item in scheduled
+    )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,11 +40,49 @@ class SamplingConfig:
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
+    min_p: float = 0.0
     greedy: bool = True
     seed: int | None = None
     end_ids: frozenset[int] = frozenset()
     stop_token_ids: frozenset[int] = frozenset()
     ignore_eos: bool = False
+    # A rtllm.engine.logits_processors.LogitsParams when any penalty, ban or bias is active.
+    logits_params: Any = None
+    # User callables ``fn(token_ids, logits) -> logits`` (or ``fn(prompt_ids, token_ids, logits)``).
+    logits_processors: tuple[Callable[..., Any], ...] = ()
+    num_logprobs: int | None = None
+    num_prompt_logprobs: int | None = None
+    return_context_logits: bool = False
+    return_generation_logits: bool = False
+    guided: Any = None  # a rtllm.structured.GuidedDecodingParams
+    num_sequences: int = 1  # sequences generated for the prompt (best_of, or n)
+    num_returned: int = 1  # sequences returned (n)
+    use_beam_search: bool = False
+    length_penalty: float = 1.0
+    early_stopping: int = 1
+
+    @property
+    def needs_history(self) -> bool:
+        """Processing this request's logits needs its latest token on the host."""
+        params = self.logits_params
+        history_params = params is not None and (
+            params.repetition_penalty != 1.0
+            or params.presence_penalty != 0.0
+            or params.frequency_penalty != 0.0
+            or params.no_repeat_ngram_size > 0
+            or bool(params.bad_sequences)
+        )
+        return history_params or bool(self.logits_processors) or self.guided is not None
+
+    @property
+    def needs_logprobs(self) -> bool:
+        """Sampled-token log-probabilities are computed (asked for, or to rank sequences)."""
+        return self.num_logprobs is not None or self.num_sequences > 1
+
+    @property
+    def needs_prompt_logits(self) -> bool:
+        """Logits of every prompt position are needed (so no prefix may be reused)."""
+        return self.num_prompt_logprobs is not None or self.return_context_logits
 
 
 @dataclass(slots=True, eq=False)
@@ -75,6 +114,10 @@ class LlmRequest:
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache at first admission
     num_preemptions: int = 0  # times paused (MAX_UTILIZATION) and later recomputed
     first_token_time: float | None = None  # monotonic time the first output token was committed
+    grammar: Any = None  # a rtllm.structured.RequestGrammar while guided decoding
+    cumulative_logprob: float = 0.0  # sum of the committed tokens' logprobs (when computed)
+    # Sequences of one prompt (n / best_of) share a group; the first computes the prompt.
+    group: Any = None
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -1,19 +1,94 @@
-"""Batched sampling: logits of the step's sampled rows -> next token ids.
+"""Batched sampling: logits of the step's sampled rows -> next token ids (+ logprobs).
 
-Greedy rows take an argmax. The other rows get temperature, top-k and top-p as
-whole-batch tensor operations, then one draw each by the exponential race
-(``argmax(p / q)`` with ``q ~ Exp(1)``, which samples from ``p``). A request
-with a ``seed`` draws its noise from its own generator, so its tokens do not
-depend on what else shares the batch.
+The pipeline, each stage applied to the whole batch as tensor operations and
+skipped when no row uses it:
+
+1. logits processing (:func:`rtllm.engine.logits_processors.process_logits`):
+   embedding bias, bad words, ``min_tokens``, n-gram bans, repetition, presence and
+   frequency penalties; then user ``logits_processor`` callables (per row);
+2. structured output: the rows under a grammar get xgrammar's token bitmask;
+3. temperature (greedy rows keep their logits);
+4. logprobs (after 1-3, before truncation; see :mod:`rtllm.engine.logprobs`);
+5. greedy rows: argmax; the others: top-k, top-p, min-p, then one draw each by the
+   exponential race (``argmax(p / q)`` with ``q ~ Exp(1)``, which samples from
+   ``p``). A request with a ``seed`` draws its noise from its own generator, so its
+   tokens do not depend on what else shares the batch.
+
+A batch where every request is plain greedy takes a bare argmax. Nothing here reads
+device data on the host, so a step's sampling is queued without waiting.
 """
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 
 from rtllm.engine.llm_request import LlmRequest
+from rtllm.engine.logits_processors import LogitsParams, apply_min_p, process_logits
 from rtllm.kernels.sampling import filtered_probs
 from rtllm.runtime.transfer import to_device
+
+_NOOP = LogitsParams()
+
+
+@dataclass(slots=True)
+class SampleOutput:
+    """One step's sampled tokens and what was asked alongside, all on the device.
+
+    ``logprobs``/``ranks``/``top_ids``/``top_logprobs`` are set when any row needs
+    logprobs (rows that did not ask are ignored by the caller); ``top_*`` have
+    ``max(num_logprobs)`` columns. ``generation_logits`` holds the raw logits of the
+    rows in ``generation_logit_rows``.
+    """
+
+    tokens: torch.Tensor
+    logprobs: torch.Tensor | None = None
+    ranks: torch.Tensor | None = None
+    top_ids: torch.Tensor | None = None
+    top_logprobs: torch.Tensor | None = None
+    generation_logits: torch.Tensor | None = None
+    generation_logit_rows: tuple[int, ...] = ()
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The device tensors to bring to the host, by name."""
+        names = ("tokens", "logprobs", "ranks", "top_ids", "top_logprobs", "generation_logits")
+        return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
+
+
+def _is_plain_greedy(request: LlmRequest) -> bool:
+    s = request.sampling
+    return (
+        s.greedy
+        and s.logits_params is None
+        and not s.logits_processors
+        and s.guided is None
+        and not s.needs_logprobs
+        and not s.return_generation_logits
+    )
+
+
+def call_logits_processor(fn: Callable[..., Any], request: LlmRequest, row: torch.Tensor) -> torch.Tensor:
+    """Run a user logits processor on one row: ``fn(output_ids, logits)`` (vLLM's form) or
+    ``fn(prompt_ids, output_ids, logits)``; it returns the new row (or edits it in place
+    and returns None)."""
+    try:
+        arity = len(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):
+        arity = 2
+    output_ids = list(request.output_token_ids)
+    result = fn(request.prompt_token_ids, output_ids, row) if arity >= 3 else fn(output_ids, row)
+    if result is None:
+        return row
+    if not isinstance(result, torch.Tensor) or result.shape != row.shape:
+        raise ValueError(
+            f"logits_processor must return a tensor of shape {tuple(row.shape)}, got "
+            f"{type(result).__name__} {getattr(result, 'shape', '')}"
+        )
+    return result
 
 
 class Sampler:
@@ -22,29 +97,93 @@ class Sampler:
     def __init__(self, device: torch.device, seed: int = 0) -> None:
         self.device = device
         self.generator = torch.Generator(device=device).manual_seed(seed)
+        self.grammar_backend: Any = None  # a rtllm.structured.GrammarBackend, set when first needed
 
     def sample(self, logits: torch.Tensor, requests: list[LlmRequest]) -> list[int]:
         """Sample a token for each row of ``logits`` ``[len(requests), vocab]``."""
-        return self.sample_async(logits, requests).tolist()
+        return self.sample_async(logits, requests).tokens.tolist()
 
-    def sample_async(self, logits: torch.Tensor, requests: list[LlmRequest]) -> torch.Tensor:
-        """Like :meth:`sample` but returns the token ids as a device tensor, without
-        waiting for the device: the overlap loop reads them one step later."""
-        if all(r.sampling.greedy for r in requests):
-            return logits.argmax(dim=-1)
+    @torch.inference_mode()
+    def sample_async(self, logits: torch.Tensor, requests: list[LlmRequest]) -> SampleOutput:
+        """Sample without waiting for the device; the overlap loop reads the result one
+        step later. Rows of requests that need their token history (penalties, logits
+        processors, grammars) read ``output_token_ids``, which the engine makes sure
+        holds no placeholder for them."""
+        if all(_is_plain_greedy(r) for r in requests):
+            return SampleOutput(logits.argmax(dim=-1))
         logits = logits.float()
-        token_ids = logits.argmax(dim=-1)
+        generation_rows = tuple(i for i, r in enumerate(requests) if r.sampling.return_generation_logits)
+        generation_logits = None
+        if generation_rows:
+            generation_logits = logits.index_select(0, to_device(list(generation_rows), torch.long, logits.device))
+        self._process(logits, requests)
+        temperature = [1.0 if r.sampling.greedy else r.sampling.temperature for r in requests]
+        scaled = logits / to_device(temperature, torch.float32, logits.device).clamp(min=1e-6).unsqueeze(1)
+        tokens = scaled.argmax(dim=-1)
         rows = [i for i, r in enumerate(requests) if not r.sampling.greedy]
-        index = to_device(rows, torch.long, logits.device)
-        sampled = self._sample_rows(logits.index_select(0, index), [requests[i] for i in rows])
-        return token_ids.index_copy_(0, index, sampled)
+        if rows:
+            index = to_device(rows, torch.long, logits.device)
+            sampled = self._sample_rows(scaled.index_select(0, index), [requests[i] for i in rows])
+            tokens = tokens.index_copy_(0, index, sampled)
+        out = SampleOutput(tokens, generation_logits=generation_logits, generation_logit_rows=generation_rows)
+        if any(r.sampling.needs_logprobs for r in requests):
+            self._logprobs(scaled, requests, out)
+        return out
 
-    def _sample_rows(self, logits: torch.Tensor, requests: list[LlmRequest]) -> torch.Tensor:
-        probs = self.filtered_probs(logits, requests)
-        noise = torch.empty_like(probs)
+    # ---- stages ------------------------------------------------------------------------
+    def _process(self, logits: torch.Tensor, requests: list[LlmRequest]) -> None:
+        if any(r.sampling.logits_params is not None for r in requests):
+            process_logits(
+                logits,
+                [r.sampling.logits_params or _NOOP for r in requests],
+                [r.prompt_token_ids for r in requests],
+                [r.output_token_ids for r in requests],
+            )
         for i, request in enumerate(requests):
-            noise[i].exponential_(generator=self._generator_for(request))
+            for fn in request.sampling.logits_processors:
+                logits[i] = call_logits_processor(fn, request, logits[i])
+        guided = [i for i, r in enumerate(requests) if r.grammar is not None]
+        if guided:
+            backend = self.grammar_backend
+            bitmask = backend.allocate_bitmask(len(requests))
+            backend.fill_bitmasks([requests[i].grammar for i in guided], bitmask, guided)
+            from rtllm.structured import apply_bitmask
+
+            apply_bitmask(logits, bitmask, guided)
+
+    def _sample_rows(self, scaled: torch.Tensor, requests: list[LlmRequest]) -> torch.Tensor:
+        """Draw from temperature-scaled logits after top-k, top-p and min-p."""
+        device = scaled.device
+        top_k = [r.sampling.top_k for r in requests]
+        top_p = [r.sampling.top_p for r in requests]
+        vocab = scaled.shape[-1]
+        probs = filtered_probs(
+            scaled,
+            torch.ones(len(requests), device=device),
+            to_device(top_k, torch.long, device),
+            to_device(top_p, torch.float32, device),
+            apply_filters=any(0 < k < vocab for k in top_k) or min(top_p) < 1.0,
+        )
+        min_p = [r.sampling.min_p for r in requests]
+        if any(min_p):
+            probs = apply_min_p(probs, to_device(min_p, torch.float32, device))
+        noise = torch.empty_like(probs)
+        seeded = [i for i, r in enumerate(requests) if r.sampling.seed is not None]
+        if len(seeded) < len(requests):
+            noise.exponential_(generator=self.generator)
+        for i in seeded:
+            noise[i].exponential_(generator=self._generator_for(requests[i]))
         return (probs / noise).argmax(dim=-1)
+
+    @staticmethod
+    def _logprobs(scaled: torch.Tensor, requests: list[LlmRequest], out: SampleOutput) -> None:
+        logprobs = torch.log_softmax(scaled, dim=-1)
+        token_logprob = logprobs.gather(1, out.tokens.unsqueeze(1))
+        out.logprobs = token_logprob.squeeze(1)
+        out.ranks = (logprobs > token_logprob).sum(dim=-1) + 1
+        num_top = max((r.sampling.num_logprobs or 0) for r in requests)
+        if num_top:
+            out.top_logprobs, out.top_ids = logprobs.topk(min(num_top, logprobs.shape[-1]), dim=-1)
 
     def _generator_for(self, request: LlmRequest) -> torch.Generator:
         if request.sampling.seed is None:

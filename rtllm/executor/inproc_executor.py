@@ -55,14 +55,37 @@ class InProcessExecutor(GenerationExecutor):
 
     # ---- caller side -------------------------------------------------------------------
     def submit(self, request: GenerationRequest) -> GenerationResult:
-        self.engine.validate(request.prompt_token_ids, request.sampling_params.max_tokens)
+        params = request.sampling_params
+        self.engine.validate(request.prompt_token_ids, params.max_tokens)
+        # Resolved here, in the caller's thread: bad input raises to the caller, and
+        # compiling a grammar never holds up the engine loop.
+        runner = self.engine.runner
+        sampling = to_sampling_config(
+            params, self.default_end_ids, self._outputs.tokenizer, self.engine.limits.vocab_size, runner.device
+        )
+        grammar = self._grammar_for(sampling) if sampling.guided is not None else None
         with self._lock:
             if self._closed:
                 raise RuntimeError("the executor has been shut down")
             request.request_id = next(self._ids)
             result = GenerationResult(request.request_id, request.prompt, request.prompt_token_ids, self.abort)
-            self._inbox.put(("submit", request, result))
+            self._inbox.put(("submit", request, result, sampling, grammar))
         return result
+
+    def _grammar_for(self, sampling: Any) -> Any:
+        """A fresh grammar matcher for a guided request (the backend is built on first use)."""
+        tokenizer = self._outputs.tokenizer
+        if tokenizer is None:
+            raise ValueError("guided_decoding needs a tokenizer (the LLM was built with skip_tokenizer_init=True)")
+        with self._lock:
+            backend = self.engine.sampler.grammar_backend
+            if backend is None:
+                from rtllm.structured import GrammarBackend
+
+                backend = GrammarBackend(tokenizer, self.engine.limits.vocab_size, stop_token_ids=self.default_end_ids)
+                self.engine.sampler.grammar_backend = backend
+        stops = sorted(sampling.end_ids | sampling.stop_token_ids)
+        return backend.new_matcher(sampling.guided, stop_token_ids=stops)
 
     def abort(self, request_id: int) -> None:
         self._inbox.put(("abort", request_id))
@@ -138,13 +161,12 @@ class InProcessExecutor(GenerationExecutor):
             if item is _SHUTDOWN:
                 return False
             if item[0] == "submit":
-                self._add(item[1], item[2])
+                self._add(*item[1:])
             else:
                 self._abort(item[1])
 
-    def _add(self, request: GenerationRequest, result: GenerationResult) -> None:
+    def _add(self, request: GenerationRequest, result: GenerationResult, sampling: Any, grammar: Any) -> None:
         try:
-            sampling = to_sampling_config(request.sampling_params, self.default_end_ids)
             limits = self.engine.limits
             self.engine.add_request(
                 LlmRequest(
@@ -154,6 +176,7 @@ class InProcessExecutor(GenerationExecutor):
                     limits.max_seq_len,
                     priority=request.priority,
                     cache_salt=request.cache_salt,
+                    grammar=grammar,
                 )
             )
             self._outputs.add(request)

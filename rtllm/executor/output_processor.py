@@ -10,8 +10,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from rtllm.engine.engine import RequestUpdate
+from rtllm.engine.step_output import TokenLogprobs as EngineTokenLogprobs
 from rtllm.executor.request import GenerationRequest
-from rtllm.executor.result import Response
+from rtllm.executor.result import Logprob, Response, TokenLogprobs
 from rtllm.llmapi.detokenizer import IncrementalDetokenizer
 from rtllm.llmapi.stop_strings import StopStringMatcher
 
@@ -70,7 +71,26 @@ class OutputProcessor:
         if finished:
             self._states.pop(update.request_id, None)
         response = Response(update.new_token_ids, text, finished, finish_reason, stop_reason, update.error)
+        if update.logprobs is not None:
+            response.logprobs = to_logprob_dicts(update.logprobs)
+        response.cumulative_logprob = update.cumulative_logprob
+        response.generation_logits = update.generation_logits
+        if update.prompt_logprobs is not None:
+            response.prompt_logprobs = update.prompt_logprobs
+        response.context_logits = update.context_logits
         return response, stopped and not update.finished
 
     def remove(self, request_id: int) -> None:
         self._states.pop(request_id, None)
+
+
+def to_logprob_dicts(entries: list[EngineTokenLogprobs]) -> TokenLogprobs:
+    """The engine's per-token logprobs as the API's dicts: the chosen token first (with its
+    rank), then the top alternatives ranked 1, 2, ..."""
+    result: TokenLogprobs = []
+    for entry in entries:
+        position = {entry.token_id: Logprob(entry.logprob, entry.rank)}
+        for rank, (token_id, logprob) in enumerate(entry.top, start=1):
+            position.setdefault(token_id, Logprob(logprob, rank))
+        result.append(position)
+    return result

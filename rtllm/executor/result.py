@@ -12,16 +12,27 @@ import queue
 import time
 from collections.abc import AsyncIterator, Callable, Generator, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 
 class RequestError(RuntimeError):
     """A request failed inside the engine (the engine itself goes on)."""
 
 
+class Logprob(NamedTuple):
+    """A token's log-probability and its rank in the step's distribution (1 = likeliest)."""
+
+    logprob: float
+    rank: int | None = None
+
+
+TokenLogprobs = list[dict[int, Logprob]]
+"""Per position: the chosen token's logprob first, then the top alternatives."""
+
+
 @dataclass(slots=True)
 class Response:
-    """One delta from the engine thread to a result."""
+    """One delta from the engine thread to a result (for output ``index``)."""
 
     token_ids: list[int]
     text: str = ""
@@ -29,6 +40,13 @@ class Response:
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     error: str | None = None
+    index: int = 0
+    logprobs: TokenLogprobs | None = None  # one entry per token of the delta
+    cumulative_logprob: float | None = None
+    generation_logits: Any = None  # torch.Tensor [len(token_ids), vocab]
+    prompt_logprobs: TokenLogprobs | None = None  # with the first delta, when asked for
+    context_logits: Any = None  # torch.Tensor [prompt_len, vocab], with the first delta
+    request_finished: bool | None = None  # None: same as ``finished`` (one output per request)
 
 
 @dataclass(slots=True)
@@ -43,6 +61,11 @@ class CompletionOutput:
         stop_reason: The stop string or stop token id that ended it, if any.
         text_diff: Text added by the latest delta (streaming).
         token_ids_diff: Token ids added by the latest delta (streaming).
+        logprobs: With ``SamplingParams.logprobs``: per generated token, a dict from token
+            id to :class:`Logprob` (the generated token first, then the top alternatives).
+        logprobs_diff: The entries of ``logprobs`` added by the latest delta.
+        cumulative_logprob: Sum of the generated tokens' logprobs (when computed).
+        generation_logits: With ``return_generation_logits``: float32 ``[len, vocab]``.
     """
 
     index: int = 0
@@ -52,6 +75,10 @@ class CompletionOutput:
     stop_reason: int | str | None = None
     text_diff: str = ""
     token_ids_diff: list[int] = field(default_factory=list)
+    logprobs: TokenLogprobs | None = None
+    logprobs_diff: TokenLogprobs = field(default_factory=list)
+    cumulative_logprob: float | None = None
+    generation_logits: Any = None
 
     @property
     def length(self) -> int:
@@ -77,6 +104,8 @@ class GenerationResult:
         self.prompt = prompt
         self.prompt_token_ids = prompt_token_ids
         self.outputs = [CompletionOutput()]
+        self.prompt_logprobs: TokenLogprobs | None = None
+        self.context_logits: Any = None  # torch.Tensor [prompt_len, vocab] when asked for
         self.finished = False
         self.error: str | None = None
         self.arrival_time = time.monotonic()
@@ -98,17 +127,38 @@ class GenerationResult:
 
     # ---- consumer side ---------------------------------------------------------------
     def _apply(self, response: Response) -> None:
-        out = self.outputs[0]
+        while len(self.outputs) <= response.index:
+            self.outputs.append(CompletionOutput(index=len(self.outputs)))
+        for other in self.outputs:  # diffs describe the latest delta only
+            other.token_ids_diff, other.text_diff, other.logprobs_diff = [], "", []
+        out = self.outputs[response.index]
         out.token_ids_diff = response.token_ids
         out.text_diff = response.text
         out.token_ids.extend(response.token_ids)
         out.text += response.text
+        if response.logprobs is not None:
+            out.logprobs_diff = response.logprobs
+            out.logprobs = (out.logprobs or []) + response.logprobs
+        if response.cumulative_logprob is not None:
+            out.cumulative_logprob = response.cumulative_logprob
+        if response.generation_logits is not None:
+            import torch
+
+            previous = out.generation_logits
+            logits = response.generation_logits
+            out.generation_logits = logits if previous is None else torch.cat([previous, logits])
+        if response.prompt_logprobs is not None:
+            self.prompt_logprobs = response.prompt_logprobs
+        if response.context_logits is not None:
+            self.context_logits = response.context_logits
         if response.token_ids and self.first_token_time is None:
             self.first_token_time = time.monotonic()
         if response.finished:
-            self.finished = True
             out.finish_reason = response.finish_reason
             out.stop_reason = response.stop_reason
+        request_finished = response.finished if response.request_finished is None else response.request_finished
+        if request_finished:
+            self.finished = True
             self.error = response.error
         self._raise_if_failed()
 

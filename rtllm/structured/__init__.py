@@ -18,9 +18,27 @@ on CPU against the C++ kernel; it is also the CPU fallback for float64 logits an
 logits with a column stride != 1, which xgrammar 0.2.8's CPU kernel masks wrongly.
 """
 
-from rtllm.structured.bitmask import allocate_bitmask, apply_bitmask
-from rtllm.structured.grammar import GrammarBackend, RequestGrammar, build_tokenizer_info
+from typing import Any
+
 from rtllm.structured.params import GuidedDecodingParams
+
+# xgrammar takes ~1 s to import: the grammar machinery loads on first use, so that
+# `import rtllm` (which exports GuidedDecodingParams) stays fast.
+_LAZY = {
+    "allocate_bitmask": "rtllm.structured.bitmask",
+    "apply_bitmask": "rtllm.structured.bitmask",
+    "GrammarBackend": "rtllm.structured.grammar",
+    "RequestGrammar": "rtllm.structured.grammar",
+    "build_tokenizer_info": "rtllm.structured.grammar",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
     "GrammarBackend",

@@ -37,7 +37,9 @@ def test_metrics_count_requests_tokens_and_latencies(llm: LLM) -> None:
     assert metric_value(text, "rtllm:num_requests_running", **labels) == 0
     assert metric_value(text, "rtllm:num_requests_waiting", **labels) == 0
     assert metric_value(text, "rtllm:kv_cache_usage_perc", **labels) == 0
-    assert metric_value(text, "rtllm:prefix_cache_hits", **labels) == 0
+    # Engine-wide totals (the shared LLM has served other tests): present and consistent.
+    assert 0 <= metric_value(text, "rtllm:prefix_cache_hits", **labels) <= metric_value(
+        text, "rtllm:prefix_cache_queries", **labels)
     assert metric_value(text, "rtllm:num_preemptions", **labels) == 0
     assert metric_value(text, "rtllm:engine_alive", **labels) == 1
 
