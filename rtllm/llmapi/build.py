@@ -16,6 +16,7 @@ from rtllm.engine.scheduler import Scheduler
 from rtllm.llmapi.llm_args import LlmArgs, resolve_dtype
 from rtllm.models.config import ModelConfig
 from rtllm.models.loader import build_model, estimate_weight_bytes, load_model_config
+from rtllm.quantization.checkpoint import resolve_quant_config
 from rtllm.runtime.cuda_graph import CudaGraphRunner, default_graph_batch_sizes
 from rtllm.runtime.memory import MemoryPlan, check_weights_fit, kv_bytes_per_block, num_kv_blocks
 from rtllm.runtime.model_runner import ModelRunner
@@ -63,8 +64,9 @@ def build_engine(args: LlmArgs) -> BuiltEngine:
         from rtllm.llmapi.tokenizer import load_tokenizer
 
         tokenizer = load_tokenizer(path, args.tokenizer)
-    check_weights_fit(estimate_weight_bytes(config, dtype), device)
-    model = build_model(path, config, dtype, device, args.load_format, args.seed)
+    quant_config = resolve_quant_config(path, args.quant_config)
+    check_weights_fit(estimate_weight_bytes(config, dtype, quant_config), device)
+    model = build_model(path, config, dtype, device, args.load_format, args.seed, quant_config)
     backend = "triton" if device.type == "cuda" else "torch"
     runner = ModelRunner(model, config, dtype, device, args.kv_cache_config.tokens_per_block, backend)
     graph_sizes = _graph_batch_sizes(args, device)

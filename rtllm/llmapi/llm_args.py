@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import torch
 
 from rtllm.engine.capacity_scheduler import CapacitySchedulerPolicy
+from rtllm.quantization.config import QuantConfig
 
 __all__ = ["CapacitySchedulerPolicy", "CudaGraphConfig", "KvCacheConfig", "LlmArgs", "SchedulerConfig"]
 
@@ -184,6 +185,9 @@ class LlmArgs:
             ``LLM.get_stats``.
         iter_stats_max_iterations: Most iterations of stats kept until read (oldest
             dropped first); None keeps 1000.
+        quant_config: Quantization (:class:`rtllm.quantization.QuantConfig`) applied
+            on load; None loads the checkpoint as it is (pre-quantized checkpoints
+            carry their own ``quantization_config``).
     """
 
     model: str | None = None
@@ -203,6 +207,7 @@ class LlmArgs:
     disable_overlap_scheduler: bool | None = None
     enable_iter_perf_stats: bool = False
     iter_stats_max_iterations: int | None = None
+    quant_config: QuantConfig | None = None
 
     def __post_init__(self) -> None:
         if self.cuda_graph_config is not None and not isinstance(self.cuda_graph_config, CudaGraphConfig):
@@ -215,6 +220,8 @@ class LlmArgs:
         _check_positive_int("max_num_tokens", self.max_num_tokens)
         _check_positive_int("max_seq_len", self.max_seq_len, allow_none=True)
         _check_positive_int("iter_stats_max_iterations", self.iter_stats_max_iterations, allow_none=True)
+        if self.quant_config is not None and not isinstance(self.quant_config, QuantConfig):
+            raise ValueError(f"quant_config must be a QuantConfig or None, got {type(self.quant_config).__name__}")
         if not isinstance(self.enable_iter_perf_stats, bool):
             raise ValueError(f"enable_iter_perf_stats must be a bool, got {self.enable_iter_perf_stats!r}")
         if not isinstance(self.kv_cache_config, KvCacheConfig):

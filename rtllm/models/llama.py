@@ -15,20 +15,32 @@ from rtllm.layers.linear import Linear, MergedLinear, QKVLinear
 from rtllm.layers.norm import RMSNorm
 from rtllm.layers.rotary import RotaryEmbedding
 from rtllm.models.config import ModelConfig
+from rtllm.quantization.config import QuantConfig
 
 
 class LlamaAttention(nn.Module):
     """Self-attention with grouped-query heads, rotary embedding and optional q/k norm."""
 
-    def __init__(self, config: ModelConfig, layer_idx: int, rotary: RotaryEmbedding) -> None:
+    def __init__(
+        self,
+        config: ModelConfig,
+        layer_idx: int,
+        rotary: RotaryEmbedding,
+        quant_config: QuantConfig | None = None,
+        prefix: str = "",
+    ) -> None:
         super().__init__()
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
         self.qkv_proj = QKVLinear(
-            config.hidden_size, self.head_dim, self.num_heads, self.num_kv_heads, bias=config.attention_bias
+            config.hidden_size, self.head_dim, self.num_heads, self.num_kv_heads, bias=config.attention_bias,
+            quant_config=quant_config, prefix=f"{prefix}.qkv_proj",
         )
-        self.o_proj = Linear(self.num_heads * self.head_dim, config.hidden_size, bias=config.attention_output_bias)
+        self.o_proj = Linear(
+            self.num_heads * self.head_dim, config.hidden_size, bias=config.attention_output_bias,
+            quant_config=quant_config, prefix=f"{prefix}.o_proj",
+        )
         if config.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
@@ -61,11 +73,16 @@ class LlamaAttention(nn.Module):
 class LlamaMLP(nn.Module):
     """Gated SiLU MLP with fused gate/up projection."""
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, quant_config: QuantConfig | None = None, prefix: str = "") -> None:
         super().__init__()
         size = config.intermediate_size
-        self.gate_up_proj = MergedLinear(config.hidden_size, [size, size], [0, 1], bias=config.mlp_bias)
-        self.down_proj = Linear(size, config.hidden_size, bias=config.mlp_bias)
+        self.gate_up_proj = MergedLinear(
+            config.hidden_size, [size, size], [0, 1], bias=config.mlp_bias,
+            quant_config=quant_config, prefix=f"{prefix}.gate_up_proj", shard_names=["gate_proj", "up_proj"],
+        )
+        self.down_proj = Linear(
+            size, config.hidden_size, bias=config.mlp_bias, quant_config=quant_config, prefix=f"{prefix}.down_proj"
+        )
         self.act = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -75,10 +92,13 @@ class LlamaMLP(nn.Module):
 class LlamaDecoderLayer(nn.Module):
     """Pre-norm attention + MLP block; the residual add is fused into the next norm."""
 
-    def __init__(self, config: ModelConfig, layer_idx: int, rotary: RotaryEmbedding) -> None:
+    def __init__(
+        self, config: ModelConfig, layer_idx: int, rotary: RotaryEmbedding, quant_config: QuantConfig | None = None
+    ) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(config, layer_idx, rotary)
-        self.mlp = LlamaMLP(config)
+        prefix = f"model.layers.{layer_idx}"
+        self.self_attn = LlamaAttention(config, layer_idx, rotary, quant_config, f"{prefix}.self_attn")
+        self.mlp = LlamaMLP(config, quant_config, f"{prefix}.mlp")
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -98,7 +118,7 @@ class LlamaDecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     """Embedding, decoder layers and final norm."""
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, quant_config: QuantConfig | None = None) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.embed_tokens.weight.requires_grad_(False)
@@ -106,7 +126,7 @@ class LlamaModel(nn.Module):
             config.head_dim, config.max_position_embeddings, config.rope_theta, config.rope_scaling
         )
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, i, rotary) for i in range(config.num_hidden_layers)
+            LlamaDecoderLayer(config, i, rotary, quant_config) for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -132,10 +152,13 @@ class LlamaForCausalLM(nn.Module):
         "up_proj": ("gate_up_proj", 1),
     }
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, quant_config: QuantConfig | None = None) -> None:
+        # quant_config quantizes the decoder's linear layers; the embedding and lm_head
+        # stay float (TensorRT-LLM's default too), so tied embeddings stay tied.
         super().__init__()
         self.config = config
-        self.model = LlamaModel(config)
+        self.quant_config = quant_config
+        self.model = LlamaModel(config, quant_config)
         if config.tie_word_embeddings:
             self.lm_head = Linear(config.hidden_size, config.vocab_size)
             self.lm_head.weight = self.model.embed_tokens.weight

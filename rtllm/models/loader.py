@@ -1,5 +1,12 @@
 """Builds a model and fills its weights from a Hugging Face directory, a GGUF file,
-or random values (``load_format="dummy"``)."""
+or random values (``load_format="dummy"``).
+
+With a :class:`~rtllm.quantization.QuantConfig` the decoder's linear layers are
+quantized: float checkpoints are quantized on load (each layer as soon as its last
+shard arrives; AWQ / SmoothQuant / static FP8 first calibrate the whole float model),
+pre-quantized checkpoints (AWQ, GPTQ, FP8, rtllm) are unpacked, GGUF files can keep
+their Q4/Q8 blocks (``QuantConfig.from_gguf()``) and dummy weights are drawn directly
+in the quantized dtypes. See :mod:`rtllm.layers.linear` for a layer's life cycle."""
 
 from __future__ import annotations
 
@@ -13,8 +20,10 @@ from collections.abc import Iterable, Iterator
 import torch
 from torch import nn
 
+from rtllm.layers.linear import Linear
 from rtllm.models.config import ModelConfig
 from rtllm.models.registry import resolve_model_class
+from rtllm.quantization.config import QuantConfig
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +95,7 @@ def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]]) 
     Raises if a parameter is left unloaded or a checkpoint tensor has no home.
     """
     params = dict(model.named_parameters())
+    quantized = {name: m for name, m in model.named_modules() if isinstance(m, Linear) and m.is_quantized}
     packed = getattr(model, "packed_modules_mapping", {})
     tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
     loaded: set[str] = set()
@@ -100,6 +110,11 @@ def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]]) 
             if f".{source}." in name:
                 target, shard_id = name.replace(f".{source}.", f".{fused}."), shard
                 break
+        module_name, _, suffix = target.rpartition(".")
+        if module_name in quantized:
+            # Quantized layers stage every checkpoint tensor (float or packed) themselves.
+            quantized[module_name].load_checkpoint_tensor(suffix, tensor, shard_id)
+            continue
         param = params.get(target)
         if param is None:
             raise ValueError(f"checkpoint tensor {name!r} matches no parameter of {type(model).__name__}")
@@ -117,6 +132,8 @@ def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]]) 
     if missing:
         shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
         raise ValueError(f"checkpoint is missing {len(missing)} tensors: {shown}")
+    for module in quantized.values():
+        module.process_weights_after_loading()
 
 
 def _expected_loads(
@@ -135,11 +152,48 @@ def _expected_loads(
     return expected
 
 
-def estimate_weight_bytes(config: ModelConfig, dtype: torch.dtype) -> int:
-    """Bytes of the model's parameters in ``dtype``, counted without allocating them."""
-    with torch.device("meta"):
-        model = resolve_model_class(config)(config)
-    return sum(p.numel() for p in model.parameters()) * dtype.itemsize
+def _instantiate(config: ModelConfig, quant_config: QuantConfig | None) -> nn.Module:
+    cls = resolve_model_class(config)
+    return cls(config) if quant_config is None else cls(config, quant_config=quant_config)
+
+
+def estimate_weight_bytes(
+    config: ModelConfig, dtype: torch.dtype, quant_config: QuantConfig | None = None
+) -> int:
+    """Bytes of the model's parameters in ``dtype`` (quantized layers at their quantized
+    size), counted without allocating them."""
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device("meta"):
+            model = _instantiate(config, quant_config)
+            for module in model.modules():
+                if isinstance(module, Linear) and module.is_quantized:
+                    _init_empty_quantized(module)
+    finally:
+        torch.set_default_dtype(default_dtype)
+    return sum(p.numel() * p.dtype.itemsize for p in model.parameters())
+
+
+def _init_empty_quantized(module: Linear) -> None:
+    from rtllm.quantization.linear_method import empty_quantized_linear, holds_pre_quant_scale
+
+    pre_quant_scale = holds_pre_quant_scale(module.quant_config, module.prefix)
+    module.quant = empty_quantized_linear(
+        module.quant_config, module.in_features, module.out_features, module.has_bias,
+        torch.get_default_dtype(), pre_quant_scale,
+    )
+
+
+def _fill_dummy(model: nn.Module, device: torch.device, seed: int) -> None:
+    # Random values drawn on the model's device (fast for multi-GB models), seeded.
+    # Quantized layers draw their codes directly: no float copy of them is ever made.
+    generator = torch.Generator(device=device).manual_seed(seed)
+    for param in model.parameters():
+        param.data.uniform_(-0.05, 0.05, generator=generator)
+    for module in model.modules():
+        if isinstance(module, Linear) and module.is_quantized:
+            module.init_dummy(generator)
 
 
 def build_model(
@@ -149,30 +203,38 @@ def build_model(
     device: torch.device,
     load_format: str = "auto",
     seed: int = 0,
+    quant_config: QuantConfig | None = None,
 ) -> nn.Module:
-    """Instantiate the model for ``config`` on ``device`` and fill its weights."""
+    """Instantiate the model for ``config`` on ``device`` and fill its weights.
+
+    ``quant_config`` (already resolved against the checkpoint's own quantization, see
+    :func:`rtllm.quantization.checkpoint.resolve_quant_config`) quantizes the linears.
+    """
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {load_format!r}")
     start = time.perf_counter()
-    cls = resolve_model_class(config)
     default_dtype = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            model = cls(config)
+            model = _instantiate(config, quant_config)
     finally:
         torch.set_default_dtype(default_dtype)
     if load_format == "dummy":
-        # Random values drawn on the model's device (fast for multi-GB models), seeded.
-        generator = torch.Generator(device=device).manual_seed(seed)
-        for param in model.parameters():
-            param.data.uniform_(-0.05, 0.05, generator=generator)
+        _fill_dummy(model, device, seed)
     elif is_gguf(model_path):
         from rtllm.models.gguf_loader import iter_gguf_weights
 
-        load_weights(model, iter_gguf_weights(model_path))
+        keep = quant_config is not None and quant_config.keep_gguf_quantized
+        load_weights(model, iter_gguf_weights(model_path, keep_quantized=keep))
     else:
+        if quant_config is not None and quant_config.keep_gguf_quantized:
+            raise ValueError("QuantConfig.from_gguf() (keep_gguf_quantized) needs a .gguf model")
         load_weights(model, iter_safetensors_weights(model_path))
+    if any(isinstance(m, Linear) and m.awaiting_calibration for m in model.modules()):
+        from rtllm.quantization.smoothing import calibrate_and_quantize
+
+        calibrate_and_quantize(model, quant_config, model_path)
     model.eval()
     logger.info("loaded %s (%s, %s) in %.2f s", config.architecture, dtype, device, time.perf_counter() - start)
     return model

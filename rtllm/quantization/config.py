@@ -99,6 +99,11 @@ class QuantConfig:
     #: FP8 activation scales: ``"dynamic"`` (per token, at run time) or ``"static"``
     #: (one per-tensor ``input_scale`` from the checkpoint). FP8 algorithms only.
     activation_scheme: str = "dynamic"
+    #: GGUF files only: keep Q8_0 / Q4_0 / Q4_1 linear weights as groupwise int8 / int4
+    #: (group 32, the GGUF block) instead of dequantizing them; float linear weights of
+    #: the file are quantized with ``quant_algo`` (W4A16_GPTQ or W8A16_GPTQ, group 32).
+    #: Made by :meth:`from_gguf`.
+    keep_gguf_quantized: bool = False
 
     def __post_init__(self) -> None:
         # Normalising field values of a frozen dataclass needs object.__setattr__.
@@ -146,9 +151,31 @@ class QuantConfig:
             object.__setattr__(self, "exclude_modules", tuple(self.exclude_modules))
         if not 0.0 <= self.smoothquant_val <= 1.0:
             raise ValueError(f"smoothquant_val must be in [0, 1], got {self.smoothquant_val}")
+        if self.keep_gguf_quantized and (
+            algo not in (QuantAlgo.W4A16_GPTQ, QuantAlgo.W8A16_GPTQ) or self.group_size != 32
+        ):
+            raise ValueError(
+                "keep_gguf_quantized=True needs quant_algo W4A16_GPTQ or W8A16_GPTQ with "
+                f"group_size 32 (the GGUF block), got {algo} group_size {self.group_size}"
+            )
         for name in ("calib_size", "calib_max_seq_length"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+
+    @classmethod
+    def from_gguf(cls, bits: int = 4) -> QuantConfig:
+        """Keep a GGUF file's quantized linear weights quantized (no dequantization).
+
+        Q4_0 / Q4_1 tensors become int4 and Q8_0 tensors int8 groupwise weights with
+        group 32 (Q4_1's float minimum is held as a float zero point); linear weights
+        the file stores as F32/F16/BF16 are quantized on load to ``bits`` (4 or 8)
+        with group 32 and a zero point. Embeddings and ``lm_head`` stay float (a Q8_0
+        embedding dequantizes exactly). Only valid for ``.gguf`` models.
+        """
+        if bits not in (4, 8):
+            raise ValueError(f"bits must be 4 or 8, got {bits!r}")
+        algo = QuantAlgo.W4A16_GPTQ if bits == 4 else QuantAlgo.W8A16_GPTQ
+        return cls(quant_algo=algo, group_size=32, has_zero_point=True, keep_gguf_quantized=True)
 
     @property
     def quant_mode(self) -> QuantMode:
@@ -188,6 +215,33 @@ class QuantConfig:
                 AWQ GEMV kernels layout, block-wise FP8, other methods).
         """
         method = str(hf.get("quant_method", "")).lower()
+        if method == "rtllm":
+            return cls._from_rtllm_dict(hf)
+        config = cls._from_hf_method(method, hf)
+        kv = hf.get("kv_cache_quant_algo")
+        if kv is not None:
+            config = cls(**{**config._fields(), "kv_cache_quant_algo": kv})
+        return config
+
+    def _fields(self) -> dict[str, Any]:
+        return {f: getattr(self, f) for f in self.__dataclass_fields__}  # type: ignore[attr-defined]
+
+    @classmethod
+    def _from_rtllm_dict(cls, d: Mapping[str, Any]) -> QuantConfig:
+        known = set(cls.__dataclass_fields__) - {"keep_gguf_quantized"}  # type: ignore[attr-defined]
+        unknown = set(d) - known - {"quant_method"}
+        if unknown:
+            raise ValueError(
+                f"rtllm quantization_config has unknown keys {sorted(unknown)}; "
+                f"allowed: {sorted(known)}"
+            )
+        kwargs = {k: v for k, v in d.items() if k != "quant_method"}
+        if kwargs.get("exclude_modules") is not None:
+            kwargs["exclude_modules"] = tuple(kwargs["exclude_modules"])
+        return cls(**kwargs)
+
+    @classmethod
+    def _from_hf_method(cls, method: str, hf: Mapping[str, Any]) -> QuantConfig:
         excluded = hf.get("modules_to_not_convert")
         excluded = tuple(excluded) if excluded is not None else None
         if method == "awq":
@@ -241,6 +295,32 @@ class QuantConfig:
             f"quant_method {method!r} is not supported (supported: awq, fp8, gptq)"
         )
 
+    def to_checkpoint_quantization_config(self) -> dict[str, Any]:
+        """The ``quantization_config`` that ``rtllm quantize`` writes.
+
+        The Hugging Face form (:meth:`to_hf_quantization_config`) where one exists, with
+        ``kv_cache_quant_algo`` added when set (other tools ignore the extra key);
+        otherwise rtllm's own form ``{"quant_method": "rtllm", <QuantConfig fields>}``
+        (e.g. ``W8A8_SQ_PER_CHANNEL``). :meth:`from_hf_quantization_config` reads both.
+        """
+        if self.keep_gguf_quantized:
+            raise ValueError("keep_gguf_quantized configs describe a GGUF file, not a checkpoint")
+        plain = QuantConfig(**{**self._fields(), "kv_cache_quant_algo": None})
+        try:
+            out = plain.to_hf_quantization_config()
+        except ValueError:
+            out = {"quant_method": "rtllm"}
+            for name, value in self._fields().items():
+                if name in ("keep_gguf_quantized", "kv_cache_quant_algo") or name.startswith(
+                    "calib"
+                ):
+                    continue
+                out[name] = list(value) if isinstance(value, tuple) else value
+            out["quant_algo"] = str(self.quant_algo)
+        if self.kv_cache_quant_algo is not None:
+            out["kv_cache_quant_algo"] = str(self.kv_cache_quant_algo)
+        return out
+
     def to_hf_quantization_config(self) -> dict[str, Any]:
         """The Hugging Face ``quantization_config`` dict that
         :meth:`from_hf_quantization_config` reads back into an equal config.
@@ -249,9 +329,9 @@ class QuantConfig:
             ValueError: when this config has no Hugging Face form (other algorithms, a
                 KV-cache algorithm or ``pre_quant_scale``).
         """
-        if self.kv_cache_quant_algo is not None or self.pre_quant_scale:
+        if self.kv_cache_quant_algo is not None or self.pre_quant_scale or self.keep_gguf_quantized:
             raise ValueError(
-                "kv_cache_quant_algo and pre_quant_scale have no Hugging Face "
+                "kv_cache_quant_algo, pre_quant_scale and keep_gguf_quantized have no Hugging Face "
                 "quantization_config form"
             )
         algo = self.quant_algo

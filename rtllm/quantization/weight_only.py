@@ -81,7 +81,9 @@ class WeightOnlyGroupwiseLinear(QuantizedLinear):
     ``[out, G]``, ``weight_scale`` float32 ``[out, G]``, ``G = in / group_size``
     (``group_size=-1``: ``G = 1``); ``w = (weight - weight_zero) * weight_scale``.
     Symmetric weights store the constant zero ``2**(bits-1)``, so one layout serves
-    RTN, AWQ and GPTQ. With ``pre_quant_scale`` (AWQ's per-input-channel vector, when
+    RTN, AWQ and GPTQ. ``float_zero=True`` holds ``weight_zero`` as float32 instead
+    (GGUF Q4_1 stores a float group minimum ``m``: ``zero = -m / scale``). With
+    ``pre_quant_scale`` (AWQ's per-input-channel vector, when
     not folded into the previous op) the input is multiplied by it first.
     """
 
@@ -96,6 +98,7 @@ class WeightOnlyGroupwiseLinear(QuantizedLinear):
         bias: bool = False,
         pre_quant_scale: bool = False,
         dtype: torch.dtype | None = None,
+        float_zero: bool = False,
     ) -> None:
         super().__init__(in_features, out_features, bias, dtype)
         if bits not in (4, 8):
@@ -108,7 +111,11 @@ class WeightOnlyGroupwiseLinear(QuantizedLinear):
         num_groups = in_features // group
         self.weight = frozen(torch.zeros(out_features, in_features, dtype=torch.uint8))
         self.weight_zero = frozen(
-            torch.full((out_features, num_groups), 1 << (bits - 1), dtype=torch.int32)
+            torch.full(
+                (out_features, num_groups),
+                1 << (bits - 1),
+                dtype=torch.float32 if float_zero else torch.int32,
+            )
         )
         self.weight_scale = frozen(torch.ones(out_features, num_groups))
         if pre_quant_scale:
@@ -170,6 +177,7 @@ class WeightOnlyGroupwiseLinear(QuantizedLinear):
             bias=bias is not None,
             pre_quant_scale=pre_quant_scale is not None,
             dtype=dtype,
+            float_zero=weights.zeros.is_floating_point(),
         )
         layer._load(weights, bias, pre_quant_scale)
         return layer
@@ -227,7 +235,10 @@ class WeightOnlyInt4Linear(WeightOnlyGroupwiseLinear):
         bias: bool = False,
         pre_quant_scale: bool = False,
         dtype: torch.dtype | None = None,
+        float_zero: bool = False,
     ) -> None:
         if bits != 4:
             raise ValueError(f"{type(self).__name__} holds 4-bit codes, got bits={bits}")
-        super().__init__(in_features, out_features, 4, group_size, bias, pre_quant_scale, dtype)
+        super().__init__(
+            in_features, out_features, 4, group_size, bias, pre_quant_scale, dtype, float_zero
+        )
