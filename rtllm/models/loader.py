@@ -207,12 +207,16 @@ def build_model(
 ) -> nn.Module:
     """Instantiate the model for ``config`` on ``device`` and fill its weights.
 
-    ``quant_config`` (already resolved against the checkpoint's own quantization, see
-    :func:`rtllm.quantization.checkpoint.resolve_quant_config`) quantizes the linears.
+    ``quant_config`` quantizes the linears; a pre-quantized checkpoint's own
+    ``quantization_config`` is used (see
+    :func:`rtllm.quantization.checkpoint.resolve_quant_config`).
     """
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {load_format!r}")
     start = time.perf_counter()
+    from rtllm.quantization.checkpoint import resolve_quant_config
+
+    quant_config = resolve_quant_config(model_path, quant_config)  # a no-op when resolved
     default_dtype = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:

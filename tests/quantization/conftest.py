@@ -54,6 +54,12 @@ def make_tiny_llama(path: Path, seed: int = 0, outliers: bool = True, **override
 
 
 @pytest.fixture(scope="session")
+def tiny_llama_factory() -> Any:
+    """:func:`make_tiny_llama` for tests that need their own checkpoint."""
+    return make_tiny_llama
+
+
+@pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Any]:
     """(directory, transformers model) of the shared tiny float checkpoint."""
     path = tmp_path_factory.mktemp("tiny_llama")
