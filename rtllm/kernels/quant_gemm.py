@@ -252,15 +252,20 @@ def quant_linear_ref(
 
 
 @triton.jit
-def _field(w, J: tl.constexpr, BITS: tl.constexpr):
-    """Field ``J`` of int32 words ``w`` as float32 ``1024 + q`` (exact, no I2F)."""
+def _field(w, magic, J: tl.constexpr, BITS: tl.constexpr):
+    """Field ``J`` of int32 words ``w`` as float32 ``1024 + q`` (exact, no I2F).
+
+    ``magic`` is ``_MAGIC_1024`` passed as a kernel argument: held in a register it lets
+    ptxas fuse the and-or into one LOP3 (an immediate would take LOP3's only immediate
+    slot next to the mask, costing a second instruction per code).
+    """
     MASK: tl.constexpr = ((1 << BITS) - 1) << 13
     if BITS * J <= 13:  # noqa: SIM108 (constexpr branch)
         v = (w << (13 - BITS * J)) & MASK
     else:
         # Arithmetic shift: the sign bits it drags in fall outside MASK.
         v = (w >> (BITS * J - 13)) & MASK
-    return (v | 0x44800000).to(tl.float32, bitcast=True)
+    return (v | magic).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -278,6 +283,7 @@ def _gemv_kernel(
     group_blocks,
     stride_xm,
     stride_om,
+    magic,
     BITS: tl.constexpr,
     BLOCK_N: tl.constexpr,
     CHUNK: tl.constexpr,
@@ -286,60 +292,60 @@ def _gemv_kernel(
     SPLIT: tl.constexpr,
 ):
     FIELDS: tl.constexpr = 32 // BITS
+    T: tl.constexpr = CHUNK * 4  # words per row per K step
     pid_n = tl.program_id(0)
     m = tl.program_id(1)
     pid_k = tl.program_id(2)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
-    offs_b = tl.arange(0, CHUNK)
-    offs_c = tl.arange(0, 4)
-    # Tiles are [BLOCK_N, CHUNK, 4]: channel, block of the chunk, word of the block.
-    w_rows = qw_ptr + offs_n.to(tl.int64)[:, None, None] * (num_blocks * 4) + offs_c[None, None, :]
-    x_row = x_ptr + m.to(tl.int64) * stride_xm + offs_c[None, :]
+    offs_t = tl.arange(0, T)
+    t_blk = offs_t // 4
+    # Every per-step tensor is [BLOCK_N, T] or [1, T], with the same contiguity along T,
+    # so Triton gives them one layout: x's values broadcast over the rows a thread holds
+    # without a shared-memory layout conversion.
+    w_rows = qw_ptr + offs_n.to(tl.int64)[:, None] * (num_blocks * 4) + offs_t[None, :]
+    x_cols = x_ptr + m.to(tl.int64) * stride_xm + (t_blk * (4 * FIELDS) + offs_t % 4)[None, :]
     lo = pid_k * blocks_per_split
     hi = tl.minimum(lo + blocks_per_split, num_blocks)
-    acc = tl.zeros([BLOCK_N, CHUNK, 4], dtype=tl.float32)
-    sx_acc = tl.zeros([CHUNK, 4], dtype=tl.float32)
-    blk = lo + offs_b
-    w_next = tl.load(
-        w_rows + blk[None, :, None] * 4,
-        mask=n_mask[:, None, None] & (blk < hi)[None, :, None],
-        other=0,
-    )
+    acc = tl.zeros([BLOCK_N, T], dtype=tl.float32)
+    sx_acc = tl.zeros([1, T], dtype=tl.float32)
+    w_next = tl.load(w_rows + lo * 4, mask=n_mask[:, None] & (lo + t_blk < hi)[None, :], other=0)
     for start in range(lo, hi, CHUNK):
-        blk = start + offs_b
-        b_mask = blk < hi
+        blk = start + t_blk
+        t_mask = (blk < hi)[None, :]
         w = w_next
-        # Register double buffering: the next chunk's loads are in flight during this
-        # chunk's arithmetic (fully masked after the last chunk: no traffic).
-        nxt = blk + CHUNK
+        # Register double buffering: the next step's loads are in flight during this
+        # step's arithmetic (fully masked after the last step: no traffic).
         w_next = tl.load(
-            w_rows + nxt[None, :, None] * 4,
-            mask=n_mask[:, None, None] & (nxt < hi)[None, :, None],
+            w_rows + (start + CHUNK) * 4,
+            mask=n_mask[:, None] & (blk + CHUNK < hi)[None, :],
             other=0,
         )
-        x_blk = x_row + blk[:, None] * (4 * FIELDS)
-        part = tl.zeros([BLOCK_N, CHUNK, 4], dtype=tl.float32)
-        sx = tl.zeros([CHUNK, 4], dtype=tl.float32)
-        for j in tl.static_range(FIELDS):
-            xj = tl.load(x_blk + 4 * j, mask=b_mask[:, None], other=0.0).to(tl.float32)
-            part += _field(w, j, BITS) * xj[None, :, :]
-            sx += xj
+        x_blk = x_cols + start * (4 * FIELDS)
         if PER_CHANNEL:
-            acc += part
-            sx_acc += sx
+            # One scale and zero per row: accumulate straight into acc, fix up at the end.
+            for j in tl.static_range(FIELDS):
+                xj = tl.load(x_blk + 4 * j, mask=t_mask, other=0.0).to(tl.float32)
+                acc += _field(w, magic, j, BITS) * xj
+                sx_acc += xj
         else:
-            # One group per block: scale and zero are per (channel, block).
+            part = tl.zeros([BLOCK_N, T], dtype=tl.float32)
+            sx = tl.zeros([1, T], dtype=tl.float32)
+            for j in tl.static_range(FIELDS):
+                xj = tl.load(x_blk + 4 * j, mask=t_mask, other=0.0).to(tl.float32)
+                part += _field(w, magic, j, BITS) * xj
+                sx += xj
+            # A block lies in one group: scale and zero per (channel, block).
             g_off = (blk // group_blocks)[None, :] * N + offs_n[:, None]
-            g_mask = n_mask[:, None] & b_mask[None, :]
+            g_mask = n_mask[:, None] & t_mask
             s = tl.load(s_ptr + g_off, mask=g_mask, other=0.0).to(tl.float32)
             zc = tl.load(z_ptr + g_off, mask=g_mask, other=0.0).to(tl.float32) + 1024.0
-            acc += s[:, :, None] * (part - zc[:, :, None] * sx[None, :, :])
-    total = tl.sum(tl.sum(acc, axis=2), axis=1)
+            acc += s * (part - zc * sx)
+    total = tl.sum(acc, axis=1)
     if PER_CHANNEL:
         s = tl.load(s_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
         zc = tl.load(z_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32) + 1024.0
-        total = s * (total - zc * tl.sum(tl.sum(sx_acc, axis=1), axis=0))
+        total = s * (total - zc * tl.sum(sx_acc, axis=1))
     if SPLIT:
         row = pid_k.to(tl.int64) * tl.num_programs(1) + m
         tl.store(ws_ptr + row * N + offs_n, total, mask=n_mask)
@@ -369,6 +375,7 @@ def _gemm_kernel(
     group_blocks,
     stride_xm,
     stride_om,
+    magic,
     BITS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -416,7 +423,7 @@ def _gemm_kernel(
         for j in tl.static_range(FIELDS):
             xj = tl.load(x_blk + 4 * j, mask=xt_mask, other=0.0)
             # Masked words dequantize to finite values that meet x == 0.
-            wj = ((_field(w, j, BITS) - zc) * s).to(xj.dtype)
+            wj = ((_field(w, magic, j, BITS) - zc) * s).to(xj.dtype)
             acc = tl.dot(xj, tl.trans(wj), acc, input_precision=DOT_PRECISION)
     if SPLIT:
         ws = ws_ptr + (pid_k.to(tl.int64) * M + offs_m[:, None]) * N + offs_n[None, :]
@@ -534,8 +541,12 @@ def quant_linear(
     has_bias = bias is not None
     bias_arg = bias if has_bias else out  # unused when HAS_BIAS is False
     if kernel == "gemv":
-        block_n = cfg.block_n or (16 if on_gpu else 32)
-        chunk = cfg.chunk or (32 if on_gpu else 4)
+        # GPU: one warp per program and 4 words per thread along K (chunk = 32 *
+        # num_warps), so that x's [1, 4 * chunk] slices get the weight tile's layout
+        # (Triton sizes a load's per-thread vector by its elements per thread).
+        num_warps = cfg.num_warps or 1
+        block_n = cfg.block_n or (8 if on_gpu else 32)
+        chunk = cfg.chunk or (32 * num_warps if on_gpu else 4)
         tiles_n = triton.cdiv(n, block_n)
         split = cfg.split_k or _choose_split(tiles_n * m, num_blocks, chunk, 2 * sms, 2)
     elif kernel == "gemm":
@@ -544,6 +555,7 @@ def quant_linear(
         chunk = cfg.chunk or 4
         if 4 * chunk < 16:
             raise ValueError(f"chunk must be >= 4 for the GEMM kernel, got {chunk}")
+        num_warps = cfg.num_warps or 4
         tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
         split = cfg.split_k or _choose_split(tiles, num_blocks, chunk, sms, 4)
     else:
@@ -560,7 +572,7 @@ def quant_linear(
         PER_CHANNEL=packed.per_channel,
         HAS_BIAS=has_bias,
         SPLIT=split > 1,
-        num_warps=cfg.num_warps or 4,
+        num_warps=num_warps,
         num_stages=cfg.num_stages or (1 if kernel == "gemv" else 2),
     )
     args = (x2, packed.qweight, packed.scales, packed.zeros, bias_arg, out, ws)
@@ -573,6 +585,7 @@ def quant_linear(
             group_blocks,
             x2.stride(0),
             out.stride(0),
+            _MAGIC_1024,
             **common,
         )
     else:
@@ -586,6 +599,7 @@ def quant_linear(
             group_blocks,
             x2.stride(0),
             out.stride(0),
+            _MAGIC_1024,
             BLOCK_M=block_m,
             DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
             **common,
