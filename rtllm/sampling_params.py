@@ -22,12 +22,10 @@ if TYPE_CHECKING:
 
 _NOT_YET_WIRED: frozenset[str] = frozenset(
     {
-        "n",
         "truncate_prompt_tokens",
         "exclude_input_from_output",
         "return_context_logits",
         "prompt_logprobs",
-        "best_of",
         "use_beam_search",
         "length_penalty",
         "early_stopping",

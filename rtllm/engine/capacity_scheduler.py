@@ -48,7 +48,8 @@ class CapacityScheduler:
         self.policy = CapacitySchedulerPolicy(policy)
 
     def blocks_to_completion(self, request: LlmRequest) -> int:
-        return self.kv_cache.num_blocks_for(request.max_total_tokens)
+        """Worst-case blocks, counting the sequences a not yet forked group will add."""
+        return self.kv_cache.num_blocks_for(request.max_total_tokens) * (1 + _pending_slots(request))
 
     def admit(self, running: list[LlmRequest], waiting: WaitingQueue) -> list[LlmRequest]:
         """Admit what the policy allows; returns the admitted requests in order."""
@@ -62,16 +63,22 @@ class CapacityScheduler:
         self, running: list[LlmRequest], waiting: WaitingQueue, fits: Callable[[LlmRequest], bool]
     ) -> list[LlmRequest]:
         admitted: list[LlmRequest] = []
-        while waiting and len(running) + len(admitted) < self.max_num_requests:
+        slots = len(running) + sum(_pending_slots(r) for r in running)
+        while waiting and slots < self.max_num_requests:
             head = waiting.peek()
             # A paused request whose last sampled token is still on the device waits
             # for it: its tokens must be known before they are recomputed.
-            if head.num_pending_tokens or not fits(head):
+            too_many = slots and slots + 1 + _pending_slots(head) > self.max_num_requests
+            if head.num_pending_tokens or too_many:
+                break
+            if not fits(head):
                 break
             waiting.pop()
             head.state = RequestState.RUNNING
-            self.kv_cache.match_prefix(head)
+            if not head.sampling.needs_prompt_logits:  # those need every prompt position's logits
+                self.kv_cache.match_prefix(head)
             admitted.append(head)
+            slots += 1 + _pending_slots(head)
         return admitted
 
     def _fits_to_completion(self, running: list[LlmRequest]) -> Callable[[LlmRequest], bool]:
@@ -96,7 +103,7 @@ class CapacityScheduler:
 
         def fits(request: LlmRequest) -> bool:
             nonlocal headroom, taken
-            needed = self.kv_cache.num_blocks_for(request.num_tokens)
+            needed = self.kv_cache.num_blocks_for(request.num_tokens) * (1 + _pending_slots(request))
             if taken + needed + headroom > self.kv_cache.num_free_blocks:
                 return False
             taken += needed
@@ -104,3 +111,7 @@ class CapacityScheduler:
             return True
 
         return fits
+
+
+def _pending_slots(request: LlmRequest) -> int:
+    return request.group.pending_slots if request.group is not None else 0

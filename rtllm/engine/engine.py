@@ -20,12 +20,16 @@ import logging
 import time
 from dataclasses import dataclass
 
+import torch
+
 from rtllm.engine.kv_cache.kv_cache_manager import KVCacheManager
 from rtllm.engine.llm_request import PENDING_TOKEN, FinishReason, LlmRequest
 from rtllm.engine.sampler import Sampler
 from rtllm.engine.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
+from rtllm.engine.sequence_group import SequenceGroup, fork
 from rtllm.engine.step_output import LaunchedStep, RequestUpdate
 from rtllm.runtime.model_runner import ModelRunner, TokenSources
+from rtllm.runtime.transfer import to_device
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +70,8 @@ class Engine:
         self.last_output: SchedulerOutput | None = None
         self.track_finished = False
         self._finished: list[LlmRequest] = []
+        self.groups: dict[int, SequenceGroup] = {}  # client id -> its sequences (n > 1)
+        self._next_sequence_id = 1 << 40  # ids of forked sequences, apart from client ids
 
     @property
     def has_work(self) -> bool:
@@ -102,11 +108,14 @@ class Engine:
     def add_request(self, request: LlmRequest) -> None:
         if request.request_id in self.requests:
             raise ValueError(f"request id {request.request_id} is already in the engine")
+        if request.sampling.num_sequences > 1:
+            request.group = SequenceGroup(request.request_id, request.sampling.num_sequences, [request])
+            self.groups[request.request_id] = request.group
         self.requests[request.request_id] = request
         self.scheduler.add_request(request)
 
     def finish_request(self, request_id: int, reason: FinishReason, error: str | None = None) -> bool:
-        """End a request now (abort, stop string, error); frees its blocks.
+        """End one sequence now (stop string, error); frees its blocks.
 
         Returns False when the request is not (or no longer) in the engine.
         """
@@ -117,7 +126,16 @@ class Engine:
         self.scheduler.remove(request)
         if self.track_finished:
             self._finished.append(request)
+        group = request.group
+        if group is not None and all(m.is_finished for m in group.members) and (group.forked or group.size == 1):
+            self.groups.pop(group.client_id, None)
         return True
+
+    def finish_client_request(self, client_id: int, reason: FinishReason, error: str | None = None) -> list[int]:
+        """End every sequence of a client request (abort); returns the ids finished."""
+        group = self.groups.pop(client_id, None)
+        ids = [m.request_id for m in group.members] if group is not None else [client_id]
+        return [i for i in ids if self.finish_request(i, reason, error)]
 
     def take_finished(self) -> list[LlmRequest]:
         """Requests finished since the last call (collected only with ``track_finished``)."""
@@ -161,6 +179,9 @@ class Engine:
         sources = self._token_sources(scheduled, previous)
         logits = self.runner.execute(scheduled, self.kv_cache.block_table, sources)
         sampling = [item.request for item in scheduled if item.samples]
+        if any(r.group is not None and not r.group.forked for r in sampling):
+            sampling, rows = self._fork_groups(scheduled)
+            logits = logits.index_select(0, to_device(rows, torch.long, logits.device))
         sample = self.sampler.sample_async(logits, sampling) if sampling else None
         for item in scheduled:
             item.request.num_computed_tokens += item.num_new_tokens
@@ -173,6 +194,43 @@ class Engine:
             request.num_pending_tokens += 1
             launched.row_of[request.request_id] = row
         return launched
+
+    def _fork_groups(self, scheduled: list[ScheduledRequest]) -> tuple[list[LlmRequest], list[int]]:
+        """Fork the groups whose leader samples for the first time; returns the sampling
+        sequences and, for each, its row of this step's logits (forked sequences share
+        their leader's row)."""
+        sampling: list[LlmRequest] = []
+        rows: list[int] = []
+        row = -1
+        for item in list(scheduled):  # forked sequences are appended to `scheduled`
+            if not item.samples:
+                continue
+            request, row = item.request, row + 1
+            sampling.append(request)
+            rows.append(row)
+            group = request.group
+            if group is None or group.forked:
+                continue
+            request.num_computed_tokens += item.num_new_tokens  # what the forks inherit
+            children = fork(request, self.kv_cache, self._new_sequence_id, self._new_grammar)
+            request.num_computed_tokens -= item.num_new_tokens
+            for child in children:
+                child.num_computed_tokens -= item.num_new_tokens  # advanced with the leader below
+                item_child = ScheduledRequest(child, item.num_new_tokens)
+                scheduled.append(item_child)
+                self.requests[child.request_id] = child
+                self.scheduler.running.append(child)
+                sampling.append(child)
+                rows.append(row)
+        return sampling, rows
+
+    def _new_sequence_id(self) -> int:
+        self._next_sequence_id += 1
+        return self._next_sequence_id
+
+    def _new_grammar(self, request: LlmRequest) -> object:
+        stops = sorted(request.sampling.end_ids | request.sampling.stop_token_ids)
+        return self.sampler.grammar_backend.new_matcher(request.sampling.guided, stop_token_ids=stops)
 
     @staticmethod
     def _token_sources(scheduled: list[ScheduledRequest], previous: LaunchedStep | None) -> TokenSources | None:
@@ -238,10 +296,13 @@ class Engine:
                 self._commit(launched, updates)
 
     def _fail(self, request: LlmRequest, exc: BaseException, updates: list[RequestUpdate]) -> None:
-        logger.error("request %d failed: %r", request.request_id, exc)
+        logger.error("request %d failed: %r", request.client_id, exc)
         message = f"{type(exc).__name__}: {exc}"
-        self.finish_request(request.request_id, FinishReason.ERROR, message)
-        updates.append(RequestUpdate(request.request_id, [], True, FinishReason.ERROR, message))
+        # A failing sequence fails its whole client request.
+        members = request.group.members if request.group is not None else [request]
+        for member in members:
+            if self.finish_request(member.request_id, FinishReason.ERROR, message):
+                updates.append(self._update(member, [], FinishReason.ERROR, message))
 
     def _check_finish(self, request: LlmRequest, token: int) -> RequestUpdate:
         sampling = request.sampling
@@ -253,7 +314,16 @@ class Engine:
             reason = FinishReason.LENGTH
         if reason is not None:
             self.finish_request(request.request_id, reason)
-        return RequestUpdate(request.request_id, [token], reason is not None, reason)
+        return self._update(request, [token], reason)
+
+    @staticmethod
+    def _update(
+        request: LlmRequest, tokens: list[int], reason: FinishReason | None, error: str | None = None
+    ) -> RequestUpdate:
+        return RequestUpdate(
+            request.request_id, tokens, reason is not None, reason, error,
+            client_id=request.client_id, seq_index=request.seq_index,
+        )
 
     def shutdown(self) -> None:
         """Finish every request as cancelled and free all blocks."""

@@ -116,8 +116,15 @@ class LlmRequest:
     first_token_time: float | None = None  # monotonic time the first output token was committed
     grammar: Any = None  # a rtllm.structured.RequestGrammar while guided decoding
     cumulative_logprob: float = 0.0  # sum of the committed tokens' logprobs (when computed)
-    # Sequences of one prompt (n / best_of) share a group; the first computes the prompt.
+    # Sequences of one prompt (n / best_of / beams) share a SequenceGroup; sequence 0
+    # (whose id is the client's request id) computes the prompt, the others fork from it.
     group: Any = None
+    seq_index: int = 0
+
+    @property
+    def client_id(self) -> int:
+        """The id the client knows: the group's for a forked sequence, else its own."""
+        return self.group.client_id if self.group is not None else self.request_id
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -35,6 +35,12 @@ class RequestUpdate:
     generation_logits: torch.Tensor | None = None  # [len(new_token_ids), vocab] on the host
     prompt_logprobs: list[Any] | None = None  # set once, with the first token
     context_logits: torch.Tensor | None = None  # [prompt_len, vocab] on the host, first token
+    client_id: int | None = None  # the client's request id (None: same as request_id)
+    seq_index: int = 0  # which of the client request's sequences (n > 1)
+
+    @property
+    def client_request_id(self) -> int:
+        return self.request_id if self.client_id is None else self.client_id
 
 
 @dataclass(slots=True)

@@ -185,31 +185,42 @@ class InProcessExecutor(GenerationExecutor):
             logger.exception("could not add request %d", request.request_id)
             result._push(Response([], finished=True, finish_reason="error", error=str(exc)))
 
-    def _abort(self, request_id: int) -> None:
-        if self.engine.finish_request(request_id, FinishReason.CANCELLED):
-            self._dispatch([RequestUpdate(request_id, [], True, FinishReason.CANCELLED)])
+    def _abort(self, client_id: int) -> None:
+        cancelled = self.engine.finish_client_request(client_id, FinishReason.CANCELLED)
+        if cancelled:
+            result = self._results.pop(client_id, None)
+            self._outputs.remove(client_id)
+            if result is not None:
+                result._push(Response([], finished=True, finish_reason=FinishReason.CANCELLED.value))
 
     def _fail_all(self, message: str) -> list[RequestUpdate]:
         updates = []
-        for request_id in list(self.engine.requests):
+        for request_id, request in list(self.engine.requests.items()):
             self.engine.finish_request(request_id, FinishReason.ERROR, message)
-            updates.append(RequestUpdate(request_id, [], True, FinishReason.ERROR, message))
+            updates.append(
+                RequestUpdate(request_id, [], True, FinishReason.ERROR, message,
+                              client_id=request.client_id, seq_index=request.seq_index)
+            )
         return updates
 
     def _dispatch(self, updates: list[RequestUpdate]) -> None:
         for update in updates:
-            result = self._results.get(update.request_id)
+            client_id = update.client_request_id
+            result = self._results.get(client_id)
             if result is None:
                 continue
             try:
-                response, stopped = self._outputs.process(update)
+                responses, stopped = self._outputs.process(update)
             except Exception as exc:  # noqa: BLE001 - e.g. a tokenizer failure
-                logger.exception("output processing failed for request %d", update.request_id)
-                self._outputs.remove(update.request_id)
-                self.engine.finish_request(update.request_id, FinishReason.ERROR, str(exc))
-                response, stopped = Response([], finished=True, finish_reason="error", error=str(exc)), False
+                logger.exception("output processing failed for request %d", client_id)
+                self._outputs.remove(client_id)
+                self.engine.finish_client_request(client_id, FinishReason.ERROR, str(exc))
+                responses = [Response([], finished=True, finish_reason="error", error=str(exc))]
+                stopped = False
             if stopped:
                 self.engine.finish_request(update.request_id, FinishReason.STOP)
-            if response.finished:  # its text state was dropped by process() (or above)
-                self._results.pop(update.request_id, None)
-            result._push(response)
+            for response in responses:
+                done = response.finished if response.request_finished is None else response.request_finished
+                if done:  # its state was dropped by process() (or above)
+                    self._results.pop(client_id, None)
+                result._push(response)

@@ -122,6 +122,13 @@ class ModelRunner:
         for device_cache, host_cache in zip(self.kv_caches, self.host_kv_caches, strict=True):
             device_cache[:, device_block].copy_(host_cache[:, host_block], non_blocking=True)
 
+    def copy_block(self, src_block: int, dst_block: int) -> None:
+        """Copy one block's KV (every layer) to another block of the pool (queued on the
+        current stream, after the steps that wrote ``src_block``)."""
+        self._zero_new_blocks(dst_block)
+        for cache in self.kv_caches:
+            cache[:, dst_block].copy_(cache[:, src_block])
+
     def assemble(
         self, scheduled: list[ScheduledRequest], block_table_of: Callable[[int], list[int]]
     ) -> StepInputs:

@@ -115,8 +115,9 @@ class BlockPool:
         return block
 
     def take(self, block_id: int) -> None:
-        """Add a reference to a cached block (a prefix-cache hit)."""
-        if self._cached[block_id] is None:
+        """Add a reference to a cached block (a prefix-cache hit) or to a referenced one
+        (sequences of one prompt sharing its blocks)."""
+        if self._cached[block_id] is None and self._ref_counts[block_id] == 0:
             raise ValueError(f"KV block {block_id} holds no reusable KV")
         if self._ref_counts[block_id] == 0:
             del self._lru[block_id]

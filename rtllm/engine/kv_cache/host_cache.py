@@ -21,11 +21,14 @@ from rtllm.engine.kv_cache.block_pool import CachedBlock
 
 
 class KVBlockCopier(Protocol):
-    """Moves one block's KV (all layers) between the device pool and the host tier."""
+    """Moves one block's KV (all layers) between the device pool and the host tier, or
+    within the device pool (copy-on-write of a block shared by forked sequences)."""
 
     def offload(self, device_block: int, host_block: int) -> None: ...
 
     def onload(self, host_block: int, device_block: int) -> None: ...
+
+    def copy_block(self, src_block: int, dst_block: int) -> None: ...
 
 
 class HostBlockCache:

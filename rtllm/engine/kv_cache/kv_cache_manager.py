@@ -56,6 +56,7 @@ class KVCacheManager:
             raise ValueError("the host KV tier (host_cache_size) needs enable_block_reuse=True")
         if host_cache_blocks and copier is None:
             raise ValueError("the host KV tier needs a block copier")
+        self.copier = copier
         self.tokens_per_block = tokens_per_block
         self.enable_block_reuse = enable_block_reuse
         self.pool = BlockPool(num_blocks, on_evict=self._on_evict)
@@ -106,6 +107,28 @@ class KVCacheManager:
         table = self._tables.pop(request_id, None)
         if table:
             self.pool.free(reversed(table))
+
+    def fork(self, parent_id: int, child: LlmRequest) -> None:
+        """Give ``child`` the KV of the parent's first ``child.num_computed_tokens`` tokens:
+        full blocks shared by reference, a partly filled last block copied (the sequences
+        write their own tokens into it)."""
+        if self.copier is None:
+            raise RuntimeError("forking sequences needs a block copier")
+        if child.request_id in self._tables:
+            raise RuntimeError(f"request {child.request_id} already holds KV blocks")
+        parent = self._tables[parent_id]
+        num_full = child.num_computed_tokens // self.tokens_per_block
+        table = list(parent[:num_full])
+        for block in table:
+            self.pool.take(block)
+        if child.num_computed_tokens % self.tokens_per_block:
+            [copy] = self.pool.allocate(1)
+            self.copier.copy_block(parent[num_full], copy)
+            table.append(copy)
+            self.counters.alloc_total_blocks += 1
+            self.counters.alloc_new_blocks += 1
+        self._tables[child.request_id] = table
+        self._hashes[child.request_id] = list(self._hashes.get(parent_id, ()))[:num_full]
 
     # ---- prefix reuse ------------------------------------------------------------------
     def match_prefix(self, request: LlmRequest) -> int:
