@@ -85,9 +85,9 @@ def test_good_token_ids() -> None:
 
 
 @pytest.mark.parametrize("value", [2, 3, 10])
-def test_n_greater_than_one_not_implemented(value: int) -> None:
-    with pytest.raises(NotImplementedError, match=r"^SamplingParams\.n is not supported"):
-        SamplingParams(n=value)
+def test_n_greater_than_one(value: int) -> None:
+    assert SamplingParams(n=value).n == value
+    assert SamplingParams(n=value, best_of=value + 1).best_of == value + 1
 
 
 @pytest.mark.parametrize("value", [0, -1, 1.0, "1"])
