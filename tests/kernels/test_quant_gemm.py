@@ -1,0 +1,258 @@
+"""W4A16 / W8A16 Triton GEMMs against the dequantize-then-matmul reference.
+
+CPU runs go through Triton's interpreter (tiny shapes, float16/float32: the
+interpreter's bf16 ``tl.dot`` is not trustworthy). Tolerances are on the normalized
+error ``||out - ref|| / ||ref||`` plus an elementwise bound scaled by ``rms(ref)``:
+
+* float32 activations: 5e-5 (the GEMV kernel's ``1024 + q`` cancellation costs ~1e-5);
+* float16: 2e-3; bfloat16 (GPU): 1e-2. The reference rounds the dequantized weight to
+  the activation dtype like the GEMM kernel's ``tl.dot`` operands; the GEMV kernel keeps
+  float32 weights, one 16-bit ulp or so away.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from rtllm.kernels.quant_gemm import (  # noqa: E402
+    PackedInt4Weight,
+    PackedInt8Weight,
+    QuantGemmConfig,
+    dequantize_packed,
+    prepack_int4,
+    prepack_int8,
+    quant_linear,
+    quant_linear_ref,
+    unpack_codes,
+    w4a16_linear,
+    w8a16_linear,
+)
+from rtllm.quantization.rtn import (  # noqa: E402
+    dequantize,
+    quantize_groupwise_asymmetric,
+    quantize_int8_per_channel,
+)
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+_TOL = {torch.float32: 5e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+def random_packed(
+    n: int,
+    k: int,
+    bits: int,
+    group_size: int,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+    scale_dtype: torch.dtype = torch.float16,
+) -> PackedInt4Weight | PackedInt8Weight:
+    """Random codes, zeros anywhere in range and scales spread over two decades."""
+    gen = torch.Generator().manual_seed(seed)
+    groups = 1 if group_size == -1 else k // group_size
+    codes = torch.randint(0, 1 << bits, (n, k), generator=gen, dtype=torch.uint8)
+    zeros = torch.randint(0, 1 << bits, (n, groups), generator=gen, dtype=torch.int32)
+    scales = torch.exp(torch.empty(n, groups).uniform_(-6.5, -2.0, generator=gen))
+    pack = prepack_int4 if bits == 4 else prepack_int8
+    return pack(codes, zeros, scales, group_size, scale_dtype=scale_dtype, device=device)
+
+
+def assert_matches(out: torch.Tensor, ref: torch.Tensor) -> None:
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    assert torch.isfinite(out).all()
+    tol = _TOL[ref.dtype]
+    o, r = out.float(), ref.float()
+    err = ((o - r).norm() / r.norm()).item()
+    assert err < tol, f"normalized error {err:.2e} >= {tol:.0e}"
+    rms = r.pow(2).mean().sqrt().item()
+    torch.testing.assert_close(o, r, rtol=5 * tol, atol=10 * tol * rms)
+
+
+# ---- packing -----------------------------------------------------------------------------
+
+
+def test_docstring_example_words() -> None:
+    codes = (torch.arange(32) % 16).to(torch.uint8)[None]
+    p = prepack_int4(codes, torch.zeros(1, 1, dtype=torch.int32), torch.ones(1, 1), -1)
+    assert [w & 0xFFFFFFFF for w in p.qweight[0].tolist()] == [
+        0xC840C840,
+        0xD951D951,
+        0xEA62EA62,
+        0xFB73FB73,
+    ]
+
+
+@pytest.mark.parametrize(("bits", "group_size"), [(4, 32), (4, 128), (4, -1), (8, 16), (8, -1)])
+def test_pack_round_trip(bits: int, group_size: int) -> None:
+    n, k = 24, 256
+    p = random_packed(n, k, bits, group_size, scale_dtype=torch.float32)
+    f = 32 // bits
+    assert p.qweight.shape == (n, k // f) and p.qweight.dtype == torch.int32
+    groups = 1 if group_size == -1 else k // group_size
+    assert p.scales.shape == p.zeros.shape == (groups, n)
+    assert p.per_channel == (group_size == -1)
+    # Rebuild the internal layout from the packed one; it must dequantize identically.
+    codes = unpack_codes(p)
+    zeros = p.zeros.t().to(torch.int32)
+    scales = p.scales.t()
+    again = (prepack_int4 if bits == 4 else prepack_int8)(
+        codes, zeros, scales, group_size, scale_dtype=torch.float32
+    )
+    assert torch.equal(again.qweight, p.qweight)
+    torch.testing.assert_close(
+        dequantize_packed(p), dequantize(codes, scales, zeros), rtol=0, atol=0
+    )
+
+
+def test_rtn_weights_survive_packing() -> None:
+    w = torch.randn(40, 128) * 0.05
+    q, scale, zero = quantize_groupwise_asymmetric(w, 32, bits=4)
+    p = prepack_int4(q, zero, scale, 32)  # float16 scales: < 2.5e-4 relative each
+    assert torch.equal(unpack_codes(p), q)
+    torch.testing.assert_close(
+        dequantize_packed(p), dequantize(q, scale, zero), rtol=5e-4, atol=1e-6
+    )
+    q8, s8 = quantize_int8_per_channel(w)
+    p8 = prepack_int8((q8.to(torch.int16) + 128).to(torch.uint8), torch.full((40, 1), 128), s8)
+    torch.testing.assert_close(dequantize_packed(p8), dequantize(q8, s8), rtol=5e-4, atol=1e-6)
+
+
+def test_prepack_rejects_bad_inputs() -> None:
+    codes = torch.zeros(8, 64, dtype=torch.uint8)
+    zeros = torch.zeros(8, 4, dtype=torch.int32)
+    with pytest.raises(ValueError, match="multiples of 32"):
+        prepack_int4(codes, zeros, torch.ones(8, 4), 16)
+    with pytest.raises(ValueError, match="must be"):
+        prepack_int4(codes, zeros, torch.ones(8, 2), 32)
+    with pytest.raises(ValueError, match="codes must be in"):
+        prepack_int4(codes + 16, zeros[:, :2], torch.ones(8, 2), 32)
+    with pytest.raises(ValueError, match="finite"):
+        prepack_int4(codes, zeros[:, :2], torch.full((8, 2), 1e6), 32)
+    with pytest.raises(ValueError, match="does not divide"):
+        prepack_int8(codes, zeros[:, :1], torch.ones(8, 1), 48)
+
+
+# ---- kernels on CPU (interpreter) ----------------------------------------------------------
+
+_QUANTS = [(4, 32), (4, 128), (4, -1), (8, -1), (8, 16)]
+
+
+@pytest.mark.parametrize(("bits", "group_size"), _QUANTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_gemv_matches_reference(
+    device: torch.device, bits: int, group_size: int, dtype: torch.dtype
+) -> None:
+    n, k = 72, 256  # 72: the last channel block is partial
+    p = random_packed(n, k, bits, group_size, device, seed=bits + group_size)
+    gen = torch.Generator().manual_seed(1)
+    bias = torch.randn(n, generator=gen).to(device, dtype)
+    for m in (1, 3):
+        x = torch.randn(m, k, generator=gen).to(device, dtype)
+        out = quant_linear(x, p, bias, QuantGemmConfig(kernel="gemv"))
+        assert_matches(out, quant_linear_ref(x, p, bias))
+
+
+@pytest.mark.parametrize(("bits", "group_size"), _QUANTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_gemm_matches_reference(
+    device: torch.device, bits: int, group_size: int, dtype: torch.dtype
+) -> None:
+    n, k = 80, 128 if bits == 4 else 192
+    p = random_packed(n, k, bits, group_size, device, seed=7 * bits - group_size)
+    gen = torch.Generator().manual_seed(2)
+    for m in (1, 3, 17, 64):
+        x = torch.randn(m, k, generator=gen).to(device, dtype)
+        bias = torch.randn(n, generator=gen).to(device, dtype) if m % 2 else None
+        out = quant_linear(x, p, bias, QuantGemmConfig(kernel="gemm", block_m=16, block_n=32))
+        assert_matches(out, quant_linear_ref(x, p, bias))
+
+
+@pytest.mark.parametrize("kernel", ["gemv", "gemm"])
+@pytest.mark.parametrize("split_k", [2, 3])
+def test_split_k(device: torch.device, kernel: str, split_k: int) -> None:
+    n, k = 48, 384
+    p = random_packed(n, k, 4, 64, device, seed=split_k)
+    gen = torch.Generator().manual_seed(3)
+    m = 1 if kernel == "gemv" else 5
+    x = torch.randn(m, k, generator=gen).to(device, torch.float16)
+    bias = torch.randn(n, generator=gen).to(device, torch.float16)
+    cfg = QuantGemmConfig(kernel=kernel, chunk=4, split_k=split_k, block_m=16, block_n=16)
+    assert_matches(quant_linear(x, p, bias, cfg), quant_linear_ref(x, p, bias))
+
+
+def test_dispatch_leading_dims_and_strided_rows(device: torch.device) -> None:
+    n, k = 32, 128
+    p4 = random_packed(n, k, 4, 128, device)
+    p8 = random_packed(n, k, 8, -1, device)
+    gen = torch.Generator().manual_seed(4)
+    x3 = torch.randn(2, 3, k, generator=gen).to(device, torch.float16)
+    out = w4a16_linear(x3, p4)
+    assert out.shape == (2, 3, n)
+    assert_matches(out, quant_linear_ref(x3, p4))
+    wide = torch.randn(1, 2 * k, generator=gen).to(device, torch.float16)
+    x1 = wide[:, :k]  # one row, stride 2k
+    assert_matches(w8a16_linear(x1, p8), quant_linear_ref(x1, p8))
+    assert w8a16_linear(x1[:0], p8).shape == (0, n)
+
+
+def test_launcher_rejects_bad_inputs() -> None:
+    p4 = random_packed(16, 64, 4, 32)
+    p8 = random_packed(16, 64, 8, -1)
+    x = torch.randn(2, 64, dtype=torch.float16)
+    with pytest.raises(ValueError, match="4-bit"):
+        w4a16_linear(x, p8)
+    with pytest.raises(ValueError, match="8-bit"):
+        w8a16_linear(x, p4)
+    with pytest.raises(ValueError, match="features"):
+        w4a16_linear(torch.randn(2, 32, dtype=torch.float16), p4)
+    with pytest.raises(ValueError, match="float16"):
+        w4a16_linear(x.to(torch.int32), p4)
+    with pytest.raises(ValueError, match="bias"):
+        w4a16_linear(x, p4, torch.zeros(8))
+    with pytest.raises(ValueError, match="kernel"):
+        quant_linear(x, p4, config=QuantGemmConfig(kernel="fast"))
+
+
+# ---- GPU ---------------------------------------------------------------------------------
+
+_LLAMA_SHAPES = [(4096, 4096), (4096, 28672), (14336, 4096)]  # (K, N): o, gate_up, down
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(("k", "n"), _LLAMA_SHAPES)
+@pytest.mark.parametrize(("bits", "group_size"), [(4, 128), (8, -1)])
+def test_gpu_llama_shapes(dtype: torch.dtype, k: int, n: int, bits: int, group_size: int) -> None:
+    p = random_packed(n, k, bits, group_size, "cuda", seed=k + n)
+    for m in (1, 8, 64, 256):
+        x = torch.randn(m, k, device="cuda", dtype=dtype)
+        assert_matches(quant_linear(x, p), quant_linear_ref(x, p))
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize(("bits", "group_size"), [(4, 32), (4, 64), (4, -1), (8, 128)])
+@pytest.mark.parametrize("m", [1, 5, 33, 130])
+def test_gpu_groups_and_bias(bits: int, group_size: int, m: int) -> None:
+    n, k = 1000, 1536  # partial channel tiles; few tiles, so split-K kicks in
+    p = random_packed(n, k, bits, group_size, "cuda", seed=m)
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    bias = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+    assert_matches(quant_linear(x, p, bias), quant_linear_ref(x, p, bias))
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_gpu_cuda_graph_replay() -> None:
+    p = random_packed(2048, 1024, 4, 128, "cuda")
+    x = torch.randn(1, 1024, device="cuda", dtype=torch.bfloat16)
+    quant_linear(x, p)  # compile before capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = quant_linear(x, p)
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    assert_matches(out, quant_linear_ref(x, p))
