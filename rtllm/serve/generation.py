@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -20,9 +20,10 @@ from starlette.requests import Request
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from rtllm.executor.result import GenerationResult, RequestError
+from rtllm.executor.result import GenerationResult, RequestError, TokenLogprobs
 from rtllm.sampling_params import SamplingParams
 from rtllm.serve.errors import OpenAIError, from_validation_error, invalid
+from rtllm.serve.logprobs import TokenStrings
 from rtllm.serve.metrics import RequestTimer, ServerMetrics
 from rtllm.serve.protocol import UsageInfo
 from rtllm.serve.sampling import check_model, check_unsupported
@@ -53,16 +54,42 @@ class Prompt:
     text: str | None = None
 
 
+def truncated(prompt: Prompt, keep: int | None) -> Prompt:
+    """``prompt`` cut to its last ``keep`` tokens (``truncate_prompt_tokens``; None keeps all).
+
+    The server cuts the prompt itself, so that lengths, ``usage`` and ``echo`` see what
+    the engine runs; a ``keep`` < 1 is left for ``SamplingParams`` to refuse.
+    """
+    if keep is None or keep < 1 or len(prompt.token_ids) <= keep:
+        return prompt
+    return Prompt(prompt.token_ids[-keep:], None)
+
+
 @dataclass(slots=True)
 class Delta:
-    """What one engine update added to one generation (a snapshot)."""
+    """What engine updates added to one output of one generation since its last delta.
+
+    ``index`` is the generation's (prompt's) index, ``output`` the output's index within
+    it (several with ``n > 1``); ``logprobs`` holds the new tokens' entries when asked for.
+    """
 
     index: int
+    output: int
     text: str
     num_tokens: int
     finished: bool
     finish_reason: str | None
     stop_reason: int | str | None
+    logprobs: TokenLogprobs | None = None
+
+
+@dataclass(slots=True)
+class _Sent:
+    """How much of one output earlier deltas have carried."""
+
+    tokens: int = 0
+    chars: int = 0
+    finished: bool = False
 
 
 class ClientDisconnected(Exception):
@@ -79,12 +106,28 @@ class Generation:
         self.timer = timer
 
     async def deltas(self) -> AsyncIterator[Delta]:
-        """Snapshots of each update until the request finishes (RequestError on failure)."""
+        """A delta per changed output after each update until the request finishes.
+
+        Deltas are cut from each output's accumulated text, tokens and logprobs, so they
+        are exact however the engine interleaves the updates of several outputs.
+        Raises :class:`RequestError` if the request fails.
+        """
+        sent: list[_Sent] = []
         async for out in self.result:
-            seq = out.outputs[0]
-            self.timer.on_tokens(len(seq.token_ids_diff))
-            yield Delta(self.index, seq.text_diff, len(seq.token_ids_diff), out.finished,
-                        seq.finish_reason, seq.stop_reason)
+            for i, seq in enumerate(out.outputs):
+                while len(sent) <= i:
+                    sent.append(_Sent())
+                state = sent[i]
+                finished = seq.finish_reason is not None or out.finished
+                num_tokens = len(seq.token_ids) - state.tokens
+                if num_tokens == 0 and len(seq.text) == state.chars and finished == state.finished:
+                    continue
+                logprobs = None if seq.logprobs is None else seq.logprobs[state.tokens:]
+                text = seq.text[state.chars:]
+                state.tokens, state.chars, state.finished = len(seq.token_ids), len(seq.text), finished
+                self.timer.on_tokens(num_tokens)
+                yield Delta(self.index, i, text, num_tokens, finished, seq.finish_reason,
+                            seq.stop_reason, logprobs)
 
     async def collect(self) -> GenerationResult:
         """Wait for the whole output."""
@@ -94,7 +137,8 @@ class Generation:
 
     @property
     def num_generated(self) -> int:
-        return len(self.result.outputs[0].token_ids)
+        """Tokens generated over all outputs."""
+        return sum(len(out.token_ids) for out in self.result.outputs)
 
     def close(self) -> None:
         """Abort the request if it is still running and record its metrics (idempotent)."""
@@ -184,6 +228,18 @@ class GenerationStream(StreamingResponse):
                 await aclose()
 
 
+ErrorParam = Callable[[str], str | None]
+"""Maps an engine error message to the request parameter it is about (None: unknown)."""
+
+
+def _abort_submitted(task: asyncio.Future[list[GenerationResult]]) -> None:
+    """Abort the requests a cancelled caller submitted in the background."""
+    if task.cancelled() or task.exception() is not None:
+        return
+    for result in task.result():
+        result.abort()
+
+
 class ServingContext:
     """Everything the handlers share: the engine, its tokenizer, limits and metrics."""
 
@@ -192,6 +248,8 @@ class ServingContext:
         self.model_name = served_model_name
         self.tokenizer = llm.tokenizer
         self.max_seq_len = llm.executor.engine.limits.max_seq_len
+        self.vocab_size = llm.executor.engine.limits.vocab_size
+        self.token_strings = TokenStrings(self.tokenizer)
         self.stall_timeout_s = stall_timeout_s
         self.metrics = ServerMetrics(llm, served_model_name)
 
@@ -207,43 +265,92 @@ class ServingContext:
             return ""
         return self.tokenizer.decode(token_ids, skip_special_tokens=False)
 
-    def submit(self, items: list[tuple[Prompt, SamplingParams]], param: str = "prompt") -> list[Generation]:
-        """Submit every prompt, or none: a rejected one aborts those already submitted.
-
-        The engine's own checks (token ids in the vocabulary, lengths) become a 400
-        naming ``param`` (with the prompt's index when there are several).
-        """
-        def name(index: int) -> str:
-            return param if len(items) == 1 else f"{param}[{index}]"
-
+    def _engine(self) -> Any:
         try:
-            engine = self.llm.executor.engine
+            return self.llm.executor.engine
         except RuntimeError as exc:
             raise OpenAIError(f"the engine is not running: {exc}", status=503,
                               type="service_unavailable_error") from None
-        for index, (prompt, params) in enumerate(items):  # all checked before any is submitted
+
+    @staticmethod
+    def _names(items: list[tuple[Prompt, SamplingParams]], param: str) -> list[str]:
+        return [param] if len(items) == 1 else [f"{param}[{i}]" for i in range(len(items))]
+
+    def _validate(self, items: list[tuple[Prompt, SamplingParams]], names: list[str]) -> None:
+        engine = self._engine()
+        for name, (prompt, params) in zip(names, items, strict=True):  # all before any is submitted
             try:
                 engine.validate(prompt.token_ids, params.max_tokens)
             except ValueError as exc:
-                raise invalid(str(exc), param=name(index)) from None
-        generations: list[Generation] = []
+                raise invalid(str(exc), param=name) from None
+
+    def _submit_results(
+        self, items: list[tuple[Prompt, SamplingParams]], names: list[str], error_param: ErrorParam | None
+    ) -> list[GenerationResult]:
+        """Submit every prompt, or none: a rejected one aborts those already submitted."""
+        results: list[GenerationResult] = []
         try:
-            for index, (prompt, params) in enumerate(items):
+            for name, (prompt, params) in zip(names, items, strict=True):
                 try:
-                    result = self.llm.generate_async({"prompt_token_ids": prompt.token_ids}, params,
-                                                     streaming=True)
+                    results.append(self.llm.generate_async({"prompt_token_ids": prompt.token_ids}, params,
+                                                           streaming=True))
                 except ValueError as exc:
-                    raise invalid(str(exc), param=name(index)) from None
+                    message = str(exc)
+                    known = error_param(message) if error_param is not None else None
+                    if known is None:
+                        raise invalid(message, param=name) from None
+                    if not message.startswith(known):
+                        message = f"invalid {known}: {message}"
+                    raise invalid(message, param=known) from None
                 except RuntimeError as exc:
                     raise OpenAIError(f"the engine is not running: {exc}", status=503,
                                       type="service_unavailable_error") from None
-                timer = self.metrics.start_request(len(prompt.token_ids))
-                generations.append(Generation(index, prompt, result, timer))
         except BaseException:
-            for gen in generations:
-                gen.close()
+            for result in results:
+                result.abort()
             raise
-        return generations
+        return results
+
+    def _track(self, items: list[tuple[Prompt, SamplingParams]], results: list[GenerationResult]) -> list[Generation]:
+        return [
+            Generation(index, prompt, result, self.metrics.start_request(len(prompt.token_ids)))
+            for index, ((prompt, _), result) in enumerate(zip(items, results, strict=True))
+        ]
+
+    def submit(
+        self, items: list[tuple[Prompt, SamplingParams]], param: str = "prompt", error_param: ErrorParam | None = None
+    ) -> list[Generation]:
+        """Submit every prompt, or none: a rejected one aborts those already submitted.
+
+        The engine's own checks (token ids in the vocabulary, lengths) become a 400
+        naming ``param`` (with the prompt's index when there are several); other
+        ``ValueError`` messages of the submission (e.g. a guide that does not compile)
+        name ``error_param(message)`` when it knows the parameter.
+        """
+        names = self._names(items, param)
+        self._validate(items, names)
+        return self._track(items, self._submit_results(items, names, error_param))
+
+    async def submit_async(
+        self, items: list[tuple[Prompt, SamplingParams]], param: str = "prompt", error_param: ErrorParam | None = None
+    ) -> list[Generation]:
+        """Like :meth:`submit`, compiling guided requests' grammars off the event loop.
+
+        The engine compiles a request's grammar at submission (the first one also builds
+        the tokenizer's grammar tables), which can take a while; other streams go on
+        meanwhile. If the caller is cancelled, whatever was submitted is aborted.
+        """
+        if all(params.guided_decoding is None for _, params in items):
+            return self.submit(items, param, error_param)
+        names = self._names(items, param)
+        self._validate(items, names)
+        task = asyncio.ensure_future(asyncio.to_thread(self._submit_results, items, names, error_param))
+        try:
+            results = await asyncio.shield(task)
+        except asyncio.CancelledError:
+            task.add_done_callback(_abort_submitted)
+            raise
+        return self._track(items, results)
 
     async def run_to_completion(self, request: Request, generations: list[Generation]) -> list[GenerationResult]:
         """Wait for all generations; aborts them if the client disconnects first.

@@ -5,12 +5,13 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncIterator
+from functools import partial
 from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from rtllm.executor.result import RequestError
+from rtllm.executor.result import RequestError, TokenLogprobs
 from rtllm.serve.errors import OpenAIError, invalid
 from rtllm.serve.generation import (
     SSE_DONE,
@@ -22,13 +23,16 @@ from rtllm.serve.generation import (
     merge_deltas,
     read_request,
     sse,
+    truncated,
     usage_of,
 )
+from rtllm.serve.logprobs import chat_logprobs
 from rtllm.serve.protocol import (
     ChatChoice,
     ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
+    ChatLogprobs,
     ChatMessage,
     ChatResponseMessage,
     ChatStreamChoice,
@@ -36,10 +40,7 @@ from rtllm.serve.protocol import (
     UsageInfo,
     random_id,
 )
-from rtllm.serve.sampling import (
-    resolve_max_tokens,
-    to_sampling_params,
-)
+from rtllm.serve.sampling import param_of_engine_error, resolve_max_tokens, to_sampling_params
 
 logger = logging.getLogger(__name__)
 
@@ -113,6 +114,13 @@ def render_chat(ctx: ServingContext, req: ChatCompletionRequest) -> str:
     return text
 
 
+def _logprobs_of(ctx: ServingContext, req: ChatCompletionRequest, entries: TokenLogprobs | None) -> ChatLogprobs | None:
+    """The chat logprobs object of ``entries`` (None unless ``logprobs`` is true)."""
+    if not req.logprobs:
+        return None
+    return chat_logprobs(entries or [], ctx.token_strings, req.top_logprobs or 0)
+
+
 async def create_chat_completion(request: Request, ctx: ServingContext) -> Response:
     """Handle ``POST /v1/chat/completions``."""
     req = await read_request(request, ChatCompletionRequest, ctx)
@@ -124,44 +132,63 @@ async def create_chat_completion(request: Request, ctx: ServingContext) -> Respo
         raise invalid(f"{param} must be at least 1, got {requested}", param=param)
     text = render_chat(ctx, req)
     add_special = bool(req.add_special_tokens)
-    prompt = Prompt(ctx.tokenize(text, add_special, "messages"), text)
+    prompt = truncated(Prompt(ctx.tokenize(text, add_special, "messages"), text), req.truncate_prompt_tokens)
     max_tokens = resolve_max_tokens(requested, param, len(prompt.token_ids), ctx.max_seq_len, "messages")
-    params = to_sampling_params(req, max_tokens, add_special)
+    params = to_sampling_params(req, max_tokens, add_special, ctx.vocab_size)
     if req.user:
         logger.debug("chat request from user %r", req.user)
-    generations = ctx.submit([(prompt, params)], param="messages")
+    generations = await ctx.submit_async([(prompt, params)], param="messages",
+                                         error_param=partial(param_of_engine_error, req))
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return GenerationStream(_stream(ctx, generations[0], include_usage), generations)
+        return GenerationStream(_stream(ctx, req, generations[0], include_usage), generations)
     try:
         await ctx.run_to_completion(request, generations)
     except ClientDisconnected:
         logger.info("client disconnected; aborted its chat request")
         return Response(status_code=499)
     gen = generations[0]
-    out = gen.result.outputs[0]
-    choice = ChatChoice(index=0, message=ChatResponseMessage(content=out.text),
-                        finish_reason=out.finish_reason, stop_reason=out.stop_reason)
-    response = ChatCompletionResponse(model=ctx.model_name, choices=[choice], usage=usage_of([gen]))
+    choices = [
+        ChatChoice(index=j, message=ChatResponseMessage(content=out.text), logprobs=_logprobs_of(ctx, req, out.logprobs),
+                   finish_reason=out.finish_reason, stop_reason=out.stop_reason)
+        for j, out in enumerate(gen.result.outputs)
+    ]
+    response = ChatCompletionResponse(model=ctx.model_name, choices=choices, usage=usage_of([gen]))
     return JSONResponse(response.model_dump())
 
 
-async def _stream(ctx: ServingContext, gen: Generation, include_usage: bool) -> AsyncIterator[str]:
+async def _stream(
+    ctx: ServingContext, req: ChatCompletionRequest, gen: Generation, include_usage: bool
+) -> AsyncIterator[str]:
+    """The SSE chunks: the role, then one per text delta and one with the finish reason.
+
+    With ``logprobs``, a chunk carries the logprobs of the tokens whose text it brings;
+    tokens that brought none (e.g. part of a stop string) have theirs in the finish chunk.
+    """
     response_id, created = random_id("chatcmpl"), int(time.time())
+    pending: dict[int, TokenLogprobs] = {}  # choice index -> logprobs not sent yet
 
     def chunk(choices: list[ChatStreamChoice], usage: UsageInfo | None = None) -> str:
         body = ChatCompletionChunk(id=response_id, created=created, model=ctx.model_name,
                                    choices=choices, usage=usage)
         return sse(body.model_dump(exclude=None if include_usage else {"usage"}))
 
+    def choice(index: int, delta: DeltaMessage, **fields: Any) -> ChatStreamChoice:
+        entries = pending.pop(index, [])
+        logprobs = _logprobs_of(ctx, req, entries) if delta.content or entries else None
+        return ChatStreamChoice(index=index, delta=delta, logprobs=logprobs, **fields)
+
     try:
-        yield chunk([ChatStreamChoice(index=0, delta=DeltaMessage(role="assistant", content=""))])
+        for j in range(req.n or 1):
+            yield chunk([ChatStreamChoice(index=j, delta=DeltaMessage(role="assistant", content=""))])
         async for delta in merge_deltas([gen]):
+            if delta.logprobs:
+                pending.setdefault(delta.output, []).extend(delta.logprobs)
             if delta.text:
-                yield chunk([ChatStreamChoice(index=0, delta=DeltaMessage(content=delta.text))])
+                yield chunk([choice(delta.output, DeltaMessage(content=delta.text))])
             if delta.finished:
-                yield chunk([ChatStreamChoice(index=0, delta=DeltaMessage(), finish_reason=delta.finish_reason,
-                                              stop_reason=delta.stop_reason)])
+                yield chunk([choice(delta.output, DeltaMessage(), finish_reason=delta.finish_reason,
+                                    stop_reason=delta.stop_reason)])
         if include_usage:
             yield chunk([], usage_of([gen]))
     except RequestError as exc:

@@ -5,16 +5,18 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncIterator
+from functools import partial
 from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from rtllm.executor.result import RequestError
+from rtllm.executor.result import RequestError, TokenLogprobs
 from rtllm.serve.errors import OpenAIError, invalid
 from rtllm.serve.generation import (
     SSE_DONE,
     ClientDisconnected,
+    Delta,
     Generation,
     GenerationStream,
     Prompt,
@@ -22,20 +24,20 @@ from rtllm.serve.generation import (
     merge_deltas,
     read_request,
     sse,
+    truncated,
     usage_of,
 )
+from rtllm.serve.logprobs import completion_logprobs, prompt_logprobs
 from rtllm.serve.protocol import (
     CompletionChoice,
+    CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
     CompletionStreamResponse,
     UsageInfo,
     random_id,
 )
-from rtllm.serve.sampling import (
-    resolve_max_tokens,
-    to_sampling_params,
-)
+from rtllm.serve.sampling import param_of_engine_error, resolve_max_tokens, to_sampling_params
 
 logger = logging.getLogger(__name__)
 
@@ -78,13 +80,28 @@ def _echo_text(ctx: ServingContext, prompt: Prompt) -> str:
     return prompt.text if prompt.text is not None else ctx.detokenize(prompt.token_ids)
 
 
+def _logprobs_of(
+    ctx: ServingContext, req: CompletionRequest, entries: TokenLogprobs | None, offset: int
+) -> tuple[CompletionLogprobs | None, int]:
+    """The logprobs object of ``entries`` (None unless asked for) and the next text offset."""
+    if req.logprobs is None:
+        return None, offset
+    return completion_logprobs(entries or [], ctx.token_strings, offset)
+
+
+def _prompt_logprobs_of(ctx: ServingContext, req: CompletionRequest, gen: Generation) -> Any:
+    if req.prompt_logprobs is None:
+        return None
+    return prompt_logprobs(gen.result.prompt_logprobs, len(gen.prompt.token_ids), ctx.token_strings)
+
+
 async def create_completion(request: Request, ctx: ServingContext) -> Response:
     """Handle ``POST /v1/completions``."""
     req = await read_request(request, CompletionRequest, ctx)
     if req.max_tokens is not None and req.max_tokens < 1:
         raise invalid(f"max_tokens must be at least 1, got {req.max_tokens}", param="max_tokens")
     add_special = True if req.add_special_tokens is None else req.add_special_tokens
-    prompts = parse_prompts(ctx, req.prompt, add_special)
+    prompts = [truncated(p, req.truncate_prompt_tokens) for p in parse_prompts(ctx, req.prompt, add_special)]
     items = []
     for i, prompt in enumerate(prompts):
         prompt_param = "prompt" if len(prompts) == 1 else f"prompt[{i}]"
@@ -92,48 +109,77 @@ async def create_completion(request: Request, ctx: ServingContext) -> Response:
             16 if req.max_tokens is None else req.max_tokens, "max_tokens",
             len(prompt.token_ids), ctx.max_seq_len, prompt_param,
         )
-        items.append((prompt, to_sampling_params(req, max_tokens, add_special)))
+        items.append((prompt, to_sampling_params(req, max_tokens, add_special, ctx.vocab_size)))
     if req.user:
         logger.debug("completion request from user %r", req.user)
-    generations = ctx.submit(items)
+    generations = await ctx.submit_async(items, error_param=partial(param_of_engine_error, req))
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return GenerationStream(_stream(ctx, generations, bool(req.echo), include_usage), generations)
+        return GenerationStream(_stream(ctx, req, generations, include_usage), generations)
     try:
         await ctx.run_to_completion(request, generations)
     except ClientDisconnected:
         logger.info("client disconnected; aborted %d request(s)", len(generations))
         return Response(status_code=499)
+    n = req.n or 1
     choices = []
     for gen in generations:
-        out = gen.result.outputs[0]
-        text = (_echo_text(ctx, gen.prompt) if req.echo else "") + out.text
-        choices.append(CompletionChoice(index=gen.index, text=text, finish_reason=out.finish_reason,
-                                        stop_reason=out.stop_reason))
+        echo = _echo_text(ctx, gen.prompt) if req.echo else ""
+        prompt_lps = _prompt_logprobs_of(ctx, req, gen)
+        for j, out in enumerate(gen.result.outputs):
+            logprobs, _ = _logprobs_of(ctx, req, out.logprobs, len(echo))
+            choices.append(CompletionChoice(index=gen.index * n + j, text=echo + out.text, logprobs=logprobs,
+                                            finish_reason=out.finish_reason, stop_reason=out.stop_reason,
+                                            prompt_logprobs=prompt_lps))
     response = CompletionResponse(model=ctx.model_name, choices=choices, usage=usage_of(generations))
     return JSONResponse(response.model_dump())
 
 
 async def _stream(
-    ctx: ServingContext, generations: list[Generation], echo: bool, include_usage: bool
+    ctx: ServingContext, req: CompletionRequest, generations: list[Generation], include_usage: bool
 ) -> AsyncIterator[str]:
+    """The SSE chunks: one per text delta and one with each choice's finish reason.
+
+    Choice ``i`` of prompt ``p`` has index ``p * n + i``. With ``logprobs``, a chunk
+    carries the logprobs of the tokens whose text it brings; tokens that brought none
+    (e.g. part of a stop string) have theirs in the choice's finish chunk.
+    """
     response_id, created = random_id("cmpl"), int(time.time())
+    n = req.n or 1
+    offsets: dict[int, int] = {}  # choice index -> text offset of its next token
+    pending: dict[int, TokenLogprobs] = {}  # choice index -> logprobs not sent yet
+    prompt_sent: set[int] = set()
 
     def chunk(choices: list[CompletionChoice], usage: UsageInfo | None = None) -> str:
         body = CompletionStreamResponse(id=response_id, created=created, model=ctx.model_name,
                                         choices=choices, usage=usage)
         return sse(body.model_dump(exclude=None if include_usage else {"usage"}))
 
+    def choice(delta: Delta, text: str, **fields: Any) -> CompletionChoice:
+        index = delta.index * n + delta.output
+        entries = pending.pop(index, [])
+        logprobs = None
+        if text or entries:
+            logprobs, offsets[index] = _logprobs_of(ctx, req, entries, offsets.get(index, 0))
+        if index not in prompt_sent:
+            prompt_sent.add(index)
+            fields["prompt_logprobs"] = _prompt_logprobs_of(ctx, req, generations[delta.index])
+        return CompletionChoice(index=index, text=text, logprobs=logprobs, **fields)
+
     try:
-        if echo:
+        if req.echo:
             for gen in generations:
-                yield chunk([CompletionChoice(index=gen.index, text=_echo_text(ctx, gen.prompt))])
+                echo = _echo_text(ctx, gen.prompt)
+                for j in range(n):
+                    offsets[gen.index * n + j] = len(echo)
+                    yield chunk([CompletionChoice(index=gen.index * n + j, text=echo)])
         async for delta in merge_deltas(generations):
+            if delta.logprobs:
+                pending.setdefault(delta.index * n + delta.output, []).extend(delta.logprobs)
             if delta.text:
-                yield chunk([CompletionChoice(index=delta.index, text=delta.text)])
+                yield chunk([choice(delta, delta.text)])
             if delta.finished:
-                yield chunk([CompletionChoice(index=delta.index, text="", finish_reason=delta.finish_reason,
-                                              stop_reason=delta.stop_reason)])
+                yield chunk([choice(delta, "", finish_reason=delta.finish_reason, stop_reason=delta.stop_reason)])
         if include_usage:
             yield chunk([], usage_of(generations))
     except RequestError as exc:

@@ -2,9 +2,9 @@
 
 Requests are parsed strictly (no string-to-number coercion) and unknown fields are
 rejected, so a typo or an unsupported option is never silently ignored. Fields that
-OpenAI defines but the engine does not support yet are declared as ``Any`` so that
-:mod:`rtllm.serve.sampling` can answer them with a 400 naming the parameter (their
-null / default values are accepted).
+OpenAI defines but this server does not support (tools, audio, ...) are declared as
+``Any`` so that :mod:`rtllm.serve.sampling` can answer them with a 400 naming the
+parameter (their null / default values are accepted).
 """
 
 from __future__ import annotations
@@ -31,6 +31,27 @@ class StreamOptions(_Strict):
     include_usage: bool | None = False
 
 
+class JsonSchemaFormat(_Strict):
+    """``response_format.json_schema``: ``{"name", "description"?, "schema", "strict"?}``.
+
+    ``strict`` is accepted either way: the output always follows the whole schema.
+    """
+
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
+
+    name: str
+    description: str | None = None
+    json_schema: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Strict):
+    """``response_format``: ``text``, ``json_object`` or ``json_schema`` (with ``json_schema``)."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
 class _SamplingFields(_Strict):
     """Sampling fields shared by both endpoints (OpenAI's plus the engine's own)."""
 
@@ -44,6 +65,10 @@ class _SamplingFields(_Strict):
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    response_format: ResponseFormat | None = None
     # Engine (TensorRT-LLM / vLLM) extensions.
     ignore_eos: bool | None = None
     stop_token_ids: list[int] | None = None
@@ -52,24 +77,25 @@ class _SamplingFields(_Strict):
     spaces_between_special_tokens: bool | None = None
     end_id: int | None = None
     pad_id: int | None = None
-    # Defined by OpenAI / vLLM / the engine, not supported here yet (400 unless null/default).
+    repetition_penalty: float | None = None
+    min_p: float | None = None
+    min_tokens: int | None = None
+    no_repeat_ngram_size: int | None = None
+    bad_words: str | list[str] | None = None
+    bad: str | list[str] | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    # Mapped to SamplingParams, refused while the engine does not apply them
+    # (rtllm.serve.sampling._ENGINE_PENDING).
+    best_of: int | None = None
+    use_beam_search: bool | None = None
+    length_penalty: float | None = None
+    early_stopping: bool | None = None
+    truncate_prompt_tokens: int | None = None
+    # Not supported by this server (400 unless null / default).
     detokenize: Any = None
-    logprobs: Any = None
-    presence_penalty: Any = None
-    frequency_penalty: Any = None
-    repetition_penalty: Any = None
-    logit_bias: Any = None
-    response_format: Any = None
-    min_p: Any = None
-    min_tokens: Any = None
-    length_penalty: Any = None
-    use_beam_search: Any = None
-    best_of: Any = None
-    guided_json: Any = None
-    guided_regex: Any = None
-    guided_choice: Any = None
-    guided_grammar: Any = None
-    truncate_prompt_tokens: Any = None
 
 
 class CompletionRequest(_SamplingFields):
@@ -83,8 +109,9 @@ class CompletionRequest(_SamplingFields):
     max_tokens: int | None = 16
     echo: bool | None = False
     add_special_tokens: bool | None = None
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
     suffix: Any = None
-    prompt_logprobs: Any = None
 
 
 class ChatMessage(_Strict):
@@ -110,7 +137,8 @@ class ChatCompletionRequest(_SamplingFields):
     continue_final_message: bool | None = False
     add_special_tokens: bool | None = False
     chat_template_kwargs: dict[str, Any] | None = None
-    top_logprobs: Any = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
     tools: Any = None
     tool_choice: Any = None
     functions: Any = None
@@ -137,14 +165,46 @@ class UsageInfo(BaseModel):
     total_tokens: int = 0
 
 
+class CompletionLogprobs(BaseModel):
+    """``choices[i].logprobs`` of ``/v1/completions``, one list entry per generated token.
+
+    ``top_logprobs[j]`` maps token strings to logprobs: the generated token and the
+    ``logprobs`` likeliest ones (so up to ``logprobs + 1`` entries, as OpenAI says).
+    """
+
+    text_offset: list[int] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    tokens: list[str] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
+
+
+class PromptLogprob(BaseModel):
+    """One entry of vLLM's ``prompt_logprobs`` (keyed by token id)."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str
+
+
 class CompletionChoice(BaseModel):
-    """One choice of a completion (or its delta in a stream chunk)."""
+    """One choice of a completion (or its delta in a stream chunk).
+
+    ``prompt_logprobs`` (vLLM's extension) is left out of the JSON unless asked for.
+    """
 
     index: int
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    prompt_logprobs: list[dict[int, PromptLogprob] | None] | None = None
+
+    @model_serializer(mode="wrap")
+    def _drop_prompt_logprobs(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data = handler(self)
+        if data.get("prompt_logprobs") is None:
+            data.pop("prompt_logprobs", None)
+        return data
 
 
 class CompletionResponse(BaseModel):
@@ -169,6 +229,26 @@ class CompletionStreamResponse(BaseModel):
     usage: UsageInfo | None = None
 
 
+class ChatTopLogprob(BaseModel):
+    """A token of a chat ``logprobs.content`` entry: its text, logprob and UTF-8 bytes."""
+
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class ChatTokenLogprob(ChatTopLogprob):
+    """One generated token and the ``top_logprobs`` likeliest tokens at its position."""
+
+    top_logprobs: list[ChatTopLogprob] = Field(default_factory=list)
+
+
+class ChatLogprobs(BaseModel):
+    """``choices[i].logprobs`` of ``/v1/chat/completions``."""
+
+    content: list[ChatTokenLogprob] | None = None
+
+
 class ChatResponseMessage(BaseModel):
     """The assistant message of a chat choice."""
 
@@ -181,7 +261,7 @@ class ChatChoice(BaseModel):
 
     index: int
     message: ChatResponseMessage
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
 
@@ -213,7 +293,7 @@ class ChatStreamChoice(BaseModel):
 
     index: int
     delta: DeltaMessage
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
 

@@ -1,39 +1,35 @@
 """From an OpenAI request to the engine's :class:`SamplingParams`, and what is refused.
 
-Every parameter either reaches the engine or is answered with a 400 naming it: a
-parameter the engine does not support yet is accepted only with its null / default
-value (``presence_penalty: 0``, ``logit_bias: {}``, ``n: 1``, ...).
+Every parameter either reaches the engine or is answered with a 400 naming it:
+
+- :data:`_UNSUPPORTED_UNLESS`: what this server does not do (tools, audio, ``suffix``...),
+  accepted only with its null / default value.
+- :data:`_ENGINE_PENDING`: what :func:`to_sampling_params` already maps and the response
+  builders already handle, but the engine does not apply yet (``SamplingParams`` raises
+  ``NotImplementedError``). Lifting one is deleting its line there.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from rtllm.sampling_params import SamplingParams
 from rtllm.serve.errors import OpenAIError, invalid, unsupported
 from rtllm.serve.protocol import ChatCompletionRequest, CompletionRequest
+from rtllm.serve.structured import guide_param, guided_decoding
+
+Request = CompletionRequest | ChatCompletionRequest
+
+MAX_LOGPROBS = 20
+"""Most top logprobs per token (completions ``logprobs``, chat ``top_logprobs``; vLLM's default)."""
+
+LOGIT_BIAS_RANGE = 100.0
+"""``logit_bias`` values must lie in [-100, 100] (OpenAI's range)."""
 
 # Parameter -> the non-null values that mean "off" (accepted); anything else is a 400.
 _UNSUPPORTED_UNLESS: dict[str, tuple[Any, ...]] = {
     "detokenize": (True,),
-    "logprobs": (False,),
-    "top_logprobs": (0,),
-    "prompt_logprobs": (),
-    "presence_penalty": (0,),
-    "frequency_penalty": (0,),
-    "repetition_penalty": (1,),
-    "logit_bias": ({},),
-    "response_format": ({"type": "text"},),
-    "min_p": (0,),
-    "min_tokens": (0,),
-    "length_penalty": (1,),
-    "use_beam_search": (False,),
-    "best_of": (1,),
-    "guided_json": (),
-    "guided_regex": (),
-    "guided_choice": (),
-    "guided_grammar": (),
-    "truncate_prompt_tokens": (),
     "suffix": ("",),
     "tools": ([],),
     "tool_choice": ("none", "auto"),
@@ -52,11 +48,22 @@ _UNSUPPORTED_UNLESS: dict[str, tuple[Any, ...]] = {
 
 _DESCRIPTIONS = {
     "detokenize": "detokenize=false (this API returns text, not token ids)",
-    "logprobs": "returning log probabilities ('logprobs')",
-    "top_logprobs": "returning log probabilities ('top_logprobs')",
-    "best_of": "best_of > 1 (several candidates per prompt)",
     "tools": "tool calling ('tools')",
-    "response_format": "structured output ('response_format' other than {\"type\": \"text\"})",
+}
+
+# Parameter -> (is it on in this request?, what it does). Mapped by to_sampling_params and
+# handled by the response builders (one choice per output, prompt_logprobs, truncation);
+# refused only because SamplingParams raises NotImplementedError for them so far
+# (rtllm.sampling_params._NOT_YET_WIRED). When the engine applies one, delete its line.
+_ENGINE_PENDING: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "n": (lambda r: (r.n or 1) > 1, "several choices per prompt"),
+    "best_of": (lambda r: r.best_of not in (None, r.n or 1), "more candidates than choices"),
+    "use_beam_search": (lambda r: bool(r.use_beam_search), "beam search"),
+    "length_penalty": (lambda r: r.length_penalty not in (None, 1), "beam search's length penalty"),
+    "early_stopping": (lambda r: r.early_stopping is False, "beam search's other stopping rule"),
+    "prompt_logprobs": (lambda r: getattr(r, "prompt_logprobs", None) is not None,
+                        "the prompt's log probabilities"),
+    "truncate_prompt_tokens": (lambda r: r.truncate_prompt_tokens is not None, "prompt truncation"),
 }
 
 _MESSAGE_UNSUPPORTED = ("tool_calls", "tool_call_id", "function_call", "refusal", "audio")
@@ -70,16 +77,26 @@ def _is_off(value: Any, allowed: tuple[Any, ...]) -> bool:
     )
 
 
-def check_unsupported(request: CompletionRequest | ChatCompletionRequest) -> None:
-    """Raise a 400 for the first parameter set to something the engine cannot do."""
+def _check_counts(request: Request) -> None:
+    """``n`` >= 1 and ``best_of`` >= ``n`` (before they are refused as not supported yet)."""
+    if request.n is not None and request.n < 1:
+        raise invalid(f"n must be >= 1, got {request.n}", param="n")
+    if request.best_of is not None and request.best_of < (request.n or 1):
+        raise invalid(f"best_of must be >= n ({request.n or 1}), got {request.best_of}", param="best_of")
+
+
+def check_unsupported(request: Request) -> None:
+    """Raise a 400 for the first parameter set to something the server or engine cannot do."""
     for name, allowed in _UNSUPPORTED_UNLESS.items():
         if name in type(request).model_fields and not _is_off(getattr(request, name), allowed):
             raise unsupported(name, _DESCRIPTIONS.get(name))
-    if request.n is not None:
-        if request.n < 1:
-            raise invalid(f"n must be >= 1, got {request.n}", param="n")
-        if request.n > 1:
-            raise unsupported("n", f"n > 1 (several choices per prompt, got n={request.n})")
+    _check_counts(request)
+    for name, (is_on, what) in _ENGINE_PENDING.items():
+        if is_on(request):
+            raise unsupported(name, f"{what} ({name}={getattr(request, name)!r})")
+    if isinstance(request, CompletionRequest) and request.echo and request.logprobs is not None:
+        # OpenAI then covers the prompt's tokens too, which needs the engine's prompt logprobs.
+        raise unsupported("echo", "echo together with logprobs (the prompt's logprobs)")
     if request.stream_options is not None and not request.stream:
         raise invalid("stream_options is only allowed when stream is true", param="stream_options")
     if isinstance(request, ChatCompletionRequest):
@@ -128,10 +145,83 @@ def resolve_max_tokens(
     return requested
 
 
+def _logprobs(request: Request) -> int | None:
+    """``SamplingParams.logprobs``: the number of top logprobs per token, None for none."""
+    if isinstance(request, CompletionRequest):
+        count, param = request.logprobs, "logprobs"
+    else:
+        count, param = request.top_logprobs, "top_logprobs"
+        if count and not request.logprobs:
+            raise invalid("top_logprobs needs logprobs=true", param=param)
+    if count is not None and not 0 <= count <= MAX_LOGPROBS:
+        raise invalid(f"{param} must be in [0, {MAX_LOGPROBS}], got {count}", param=param)
+    if isinstance(request, CompletionRequest):
+        return count
+    return (count or 0) if request.logprobs else None
+
+
+def logit_bias_tensor(logit_bias: dict[str, float] | None, vocab_size: int) -> Any:
+    """OpenAI's ``logit_bias`` (token id string -> bias) as a ``[vocab_size]`` float32 tensor.
+
+    Returns None for no (or an empty) ``logit_bias``; a 400 naming ``logit_bias`` for a
+    key that is not a token id below ``vocab_size`` or a value outside [-100, 100].
+    """
+    if not logit_bias:
+        return None
+    import torch
+
+    bias = torch.zeros(vocab_size, dtype=torch.float32)
+    for key, value in logit_bias.items():
+        try:
+            token_id = int(key)
+        except ValueError:
+            token_id = -1
+        if not 0 <= token_id < vocab_size or key.strip() != key:
+            raise invalid(f"logit_bias keys must be token ids in [0, {vocab_size}), got {key!r}",
+                          param="logit_bias")
+        if not -LOGIT_BIAS_RANGE <= value <= LOGIT_BIAS_RANGE:
+            raise invalid(f"logit_bias values must be in [-100, 100], got {value!r} for token {key}",
+                          param="logit_bias")
+        bias[token_id] = value
+    return bias
+
+
+def _bad_words(request: Request) -> str | list[str] | None:
+    if request.bad_words is not None and request.bad is not None:
+        raise invalid("bad_words and bad are the same option (vLLM's and TensorRT-LLM's name); "
+                      "give one", param="bad")
+    return request.bad_words if request.bad_words is not None else request.bad
+
+
+def param_of_engine_error(request: Request, message: str) -> str | None:
+    """The request parameter an engine error message is about (None if unknown).
+
+    ``SamplingParams`` and the engine start their messages with the field at fault
+    (``min_p must be ...``, ``GuidedDecodingParams.regex is not a valid regex ...``).
+    """
+    first = message.split(" ", 1)[0].rstrip(":,")
+    field = first.split(".", 1)[0]
+    if field in ("GuidedDecodingParams", "guided_decoding"):
+        return guide_param(request)
+    renamed = {
+        "embedding_bias": "logit_bias",
+        "bad": "bad_words" if request.bad_words is not None else "bad",
+        "bad_words": "bad_words",
+        "logprobs": "logprobs" if isinstance(request, CompletionRequest) else "top_logprobs",
+    }
+    if field in renamed:
+        return renamed[field]
+    return field if field in type(request).model_fields else None
+
+
 def to_sampling_params(
-    request: CompletionRequest | ChatCompletionRequest, max_tokens: int, add_special_tokens: bool
+    request: Request, max_tokens: int, add_special_tokens: bool, vocab_size: int
 ) -> SamplingParams:
-    """Build the engine's parameters; invalid values become a 400 naming the field."""
+    """Build the engine's parameters; invalid values become a 400 naming the field.
+
+    ``vocab_size`` is the width of the model's logits (the size of the ``logit_bias``
+    tensor).
+    """
     if request.seed is not None and not -(2**63) <= request.seed < 2**64:
         raise invalid(f"seed must fit in 64 bits, got {request.seed}", param="seed")
     stop = request.stop if request.stop != [] else None
@@ -146,16 +236,26 @@ def to_sampling_params(
         "end_id": request.end_id,
         "pad_id": request.pad_id,
         "add_special_tokens": add_special_tokens,
+        "bad": _bad_words(request),
+        "embedding_bias": logit_bias_tensor(request.logit_bias, vocab_size),
+        "logprobs": _logprobs(request),
+        "guided_decoding": guided_decoding(request),
+        # Engine-pending (see _ENGINE_PENDING): mapped, refused before this point for now.
+        "n": 1 if request.n is None else request.n,
+        "best_of": request.best_of,
+        "use_beam_search": bool(request.use_beam_search),
+        "prompt_logprobs": getattr(request, "prompt_logprobs", None),
+        "truncate_prompt_tokens": request.truncate_prompt_tokens,
     }
-    for flag in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens",
-                 "spaces_between_special_tokens"):
-        value = getattr(request, flag)
+    for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens",
+                 "spaces_between_special_tokens", "presence_penalty", "frequency_penalty",
+                 "repetition_penalty", "min_p", "min_tokens", "no_repeat_ngram_size",
+                 "length_penalty", "early_stopping"):
+        value = getattr(request, name)
         if value is not None:
-            kwargs[flag] = value
+            kwargs[name] = value
     try:
         return SamplingParams(**kwargs)
     except (ValueError, NotImplementedError) as exc:
         message = str(exc)
-        first = message.split(" ", 1)[0]
-        param = first if first in type(request).model_fields else None
-        raise OpenAIError(message, status=400, param=param) from None
+        raise OpenAIError(message, status=400, param=param_of_engine_error(request, message)) from None

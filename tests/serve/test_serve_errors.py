@@ -48,14 +48,13 @@ def assert_error(response: Any, param: str | None, *words: str, status: int = 40
 
 
 UNSUPPORTED_COMPLETION = [
-    ("n", 2), ("best_of", 3), ("logprobs", 1), ("presence_penalty", 0.5), ("frequency_penalty", -1.0),
-    ("logit_bias", {"5": 10}), ("suffix", "!"), ("repetition_penalty", 1.2), ("min_p", 0.1),
-    ("min_tokens", 4), ("use_beam_search", True), ("response_format", {"type": "json_object"}),
-    ("detokenize", False), ("guided_json", {"type": "object"}), ("prompt_logprobs", 1),
+    ("n", 2), ("best_of", 3), ("suffix", "!"), ("use_beam_search", True), ("length_penalty", 0.8),
+    ("early_stopping", False), ("detokenize", False), ("prompt_logprobs", 1),
+    ("truncate_prompt_tokens", 4),
 ]
 UNSUPPORTED_CHAT = [
-    ("logprobs", True), ("top_logprobs", 3), ("tools", [{"type": "function", "function": {"name": "f"}}]),
-    ("tool_choice", "required"), ("response_format", {"type": "json_schema"}), ("n", 4),
+    ("tools", [{"type": "function", "function": {"name": "f"}}]), ("tool_choice", "required"), ("n", 4),
+    ("best_of", 2), ("use_beam_search", True), ("truncate_prompt_tokens", 8),
 ]
 
 
@@ -75,7 +74,9 @@ def test_unsupported_chat_parameter(app: Any, submissions: list[Any], name: str,
 def test_null_and_default_values_are_accepted(app: Any, submissions: list[Any]) -> None:
     defaults = {"n": 1, "best_of": 1, "logprobs": None, "presence_penalty": 0, "frequency_penalty": 0.0,
                 "logit_bias": {}, "suffix": None, "stop": None, "seed": None, "user": "me", "echo": False,
-                "temperature": None, "top_p": None, "stream": False, "response_format": {"type": "text"}}
+                "temperature": None, "top_p": None, "stream": False, "response_format": {"type": "text"},
+                "use_beam_search": False, "length_penalty": 1.0, "early_stopping": True,
+                "prompt_logprobs": None, "truncate_prompt_tokens": None}
     response = call(app, "POST", "/v1/completions", json={**_HELLO, **defaults, "max_tokens": 2})
     assert response.status_code == 200, response.text
     chat = {"n": 1, "logprobs": False, "top_logprobs": None, "tools": None, "tool_choice": "none",
