@@ -30,6 +30,8 @@ import numpy as np
 import torch
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
+from rtllm.quantization.gguf import KEPT_TYPES, gguf_to_groupwise
+
 logger = logging.getLogger(__name__)
 
 # GGUF architecture -> (HF architectures entry, HF model_type, q/k rows permuted?).
@@ -369,13 +371,17 @@ def _unpermute_rotary(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.reshape(n_heads, half, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
-def iter_gguf_weights(path: str) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_gguf_weights(path: str, keep_quantized: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(hf_name, tensor)`` for every parameter stored in the GGUF file.
 
     Tensors are float32, in HF shape (``(out_features, in_features)`` for linears) and
     own their memory. ``lm_head.weight`` is only yielded if the file stores
     ``output.weight``; for tied files the consumer ties it to ``model.embed_tokens``.
     llama/mistral q_proj/k_proj rows are un-permuted back to HF's rotary layout.
+
+    ``keep_quantized=True`` yields the decoder's Q8_0 / Q4_0 / Q4_1 linear weights as
+    rtllm groupwise tensors instead (``<module>.weight`` codes, ``.weight_scale``,
+    ``.weight_zero``; see :mod:`rtllm.quantization.gguf`); other tensors as above.
 
     Raises:
         ValueError: unsupported architecture or unknown tensor name.
@@ -392,9 +398,19 @@ def iter_gguf_weights(path: str) -> Iterator[tuple[str, torch.Tensor]]:
         if info.qtype not in GGML_QUANT_SIZES:  # byte size unknown: cannot even slice it
             raise NotImplementedError(f"GGUF tensor '{info.name}' has unknown type id {info.qtype}")
         raw = gf.raw(info).reshape(*info.shape[:-1], -1)
-        tensor = dequantize(raw, info.qtype, info.name)
+        n_heads = None
         if permuted and ".self_attn.q_proj." in hf_name:
-            tensor = _unpermute_rotary(tensor, heads)
+            n_heads = heads
         elif permuted and ".self_attn.k_proj." in hf_name:
-            tensor = _unpermute_rotary(tensor, kv_heads)
+            n_heads = kv_heads
+        if keep_quantized and hf_name.startswith("model.layers.") and info.qtype in KEPT_TYPES \
+                and hf_name.endswith("proj.weight") and len(info.shape) == 2:
+            module = hf_name[: -len(".weight")]
+            for suffix, tensor in gguf_to_groupwise(raw.clone(), info.qtype).items():
+                # Codes, scales and zeros are all per row: un-permute them alike.
+                yield f"{module}.{suffix}", tensor if n_heads is None else _unpermute_rotary(tensor, n_heads)
+            continue
+        tensor = dequantize(raw, info.qtype, info.name)
+        if n_heads is not None:
+            tensor = _unpermute_rotary(tensor, n_heads)
         yield hf_name, tensor

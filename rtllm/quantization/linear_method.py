@@ -337,8 +337,10 @@ def _int_from_staged(
             layer.bias.data.copy_(bias)
         return layer
     weights = _int_layout(config, shards)
-    # Per layer (GGUF files mix Q8_0 and Q4 tensors): signed int8 codes are 8-bit.
-    bits = 8 if first["weight"].dtype == torch.int8 else _BITS.get(config.quant_algo, 4)
+    # Per layer (GGUF files mix Q8_0 and Q4 tensors): signed int8 codes are 8-bit, and
+    # 4-bit codes fused with them are valid 8-bit codes with the same zero.
+    any_int8 = any(t["weight"].dtype == torch.int8 for t in shards)
+    bits = 8 if any_int8 else _BITS.get(config.quant_algo, 4)
     return WeightOnlyGroupwiseLinear.from_quantized(weights, bias, bits, pqs, dtype)
 
 

@@ -183,9 +183,18 @@ def dequantize(
     ``scale`` (and ``zero``) is 0-dim (per tensor), ``[..., 1]`` (per channel or per
     token) or ``[out, G]`` (groupwise, expanded over groups of ``in / G`` channels).
     """
+    in_features = q.shape[-1]
+    num_groups = scale.shape[-1] if scale.dim() > 0 else 1
+    if 1 < num_groups < in_features and q.dim() == 2 and in_features % num_groups == 0:
+        # Groupwise: broadcast [out, G, 1] over a [out, G, group] view rather than
+        # materialising expanded [out, in] scales and zeros (same arithmetic).
+        qf = q.float().view(q.shape[0], num_groups, -1)
+        if zero is not None:
+            qf = qf - zero.float().unsqueeze(-1)
+        return (qf * scale.float().unsqueeze(-1)).view(q.shape).to(dtype)
     qf = q.float()
     if zero is not None:
-        qf = qf - _expand_groups(zero.float(), q.shape[-1])
+        qf = qf - _expand_groups(zero.float(), in_features)
     if scale.dim() > 0:
-        scale = _expand_groups(scale.float(), q.shape[-1])
+        scale = _expand_groups(scale.float(), in_features)
     return (qf * scale.float()).to(dtype)
