@@ -22,10 +22,6 @@ if TYPE_CHECKING:
 
 _NOT_YET_WIRED: frozenset[str] = frozenset(
     {
-        "truncate_prompt_tokens",
-        "exclude_input_from_output",
-        "return_context_logits",
-        "prompt_logprobs",
         "use_beam_search",
         "length_penalty",
         "early_stopping",

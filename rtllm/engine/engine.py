@@ -24,10 +24,11 @@ import torch
 
 from rtllm.engine.kv_cache.kv_cache_manager import KVCacheManager
 from rtllm.engine.llm_request import PENDING_TOKEN, FinishReason, LlmRequest
+from rtllm.engine.logprobs import prompt_token_logprobs
 from rtllm.engine.sampler import Sampler
 from rtllm.engine.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
 from rtllm.engine.sequence_group import SequenceGroup, fork
-from rtllm.engine.step_output import LaunchedStep, RequestUpdate
+from rtllm.engine.step_output import LaunchedStep, RequestUpdate, TokenLogprobs
 from rtllm.runtime.model_runner import ModelRunner, TokenSources
 from rtllm.runtime.transfer import to_device
 
@@ -177,7 +178,14 @@ class Engine:
 
     def _launch(self, scheduled: list[ScheduledRequest], previous: LaunchedStep | None) -> LaunchedStep | None:
         sources = self._token_sources(scheduled, previous)
-        logits = self.runner.execute(scheduled, self.kv_cache.block_table, sources)
+        prompt_logits: dict[int, torch.Tensor] | None = None
+        if any(item.request.sampling.needs_prompt_logits for item in scheduled):
+            prompt_logits = {}
+        logits = self.runner.execute(scheduled, self.kv_cache.block_table, sources, prompt_logits)
+        for request_id, chunk in (prompt_logits or {}).items():
+            request = self.requests[request_id]
+            if not request.output_token_ids:  # not a recomputation after a pause
+                request.prompt_logit_chunks.append(chunk)
         sampling = [item.request for item in scheduled if item.samples]
         if any(r.group is not None and not r.group.forked for r in sampling):
             sampling, rows = self._fork_groups(scheduled)
@@ -281,6 +289,8 @@ class Engine:
                 update.cumulative_logprob = request.cumulative_logprob
             if row in logit_rows:
                 update.generation_logits = outputs["generation_logits"][logit_rows[row]].unsqueeze(0)
+            if request.prompt_logit_chunks:
+                attach_prompt_outputs(request, update)
             updates.append(update)
 
     def _retry_alone(self, scheduled: list[ScheduledRequest], updates: list[RequestUpdate]) -> None:
@@ -338,3 +348,19 @@ def _needs_committed_history(scheduled: list[ScheduledRequest], previous: Launch
         item.samples and item.request.sampling.needs_history and item.request.request_id in previous.row_of
         for item in scheduled
     )
+
+
+def attach_prompt_outputs(request: LlmRequest, update: RequestUpdate) -> None:
+    """Give the request's first update its context logits and/or prompt logprobs."""
+    context = torch.cat(request.prompt_logit_chunks)
+    request.prompt_logit_chunks = []
+    sampling = request.sampling
+    if sampling.return_context_logits:
+        update.context_logits = context.cpu()
+    if sampling.num_prompt_logprobs is not None:
+        prompt = request.prompt_token_ids
+        logprobs, ranks, top = prompt_token_logprobs(context, prompt, sampling.num_prompt_logprobs)
+        update.prompt_logprobs = [
+            TokenLogprobs(token, logprob, rank, alternatives)
+            for token, logprob, rank, alternatives in zip(prompt[1:], logprobs, ranks, top, strict=True)
+        ]

@@ -120,6 +120,9 @@ class LlmRequest:
     # (whose id is the client's request id) computes the prompt, the others fork from it.
     group: Any = None
     seq_index: int = 0
+    # Float32 logits of the prompt positions computed so far (prompt_logprobs /
+    # return_context_logits), one device tensor per chunk, until the first token commits.
+    prompt_logit_chunks: list[Any] = field(default_factory=list)
 
     @property
     def client_id(self) -> int:

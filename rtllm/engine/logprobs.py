@@ -39,3 +39,25 @@ def compute_logprobs(
     token_logprob = logprobs.gather(1, token_ids.long().unsqueeze(1)).squeeze(1)
     top_logprobs, top_ids = logprobs.topk(num_top, dim=-1)
     return token_logprob, top_ids, top_logprobs
+
+
+def prompt_token_logprobs(
+    context_logits: torch.Tensor, prompt_ids: list[int], num_top: int
+) -> tuple[list[float], list[int], list[list[tuple[int, float]]]]:
+    """Logprobs of prompt tokens 1..n-1, each from the raw logits of the position before it
+    (no temperature or penalties: those belong to sampling, not to scoring the prompt).
+
+    Returns host lists: each token's logprob, its rank, and its ``num_top`` likeliest
+    alternatives as ``(token_id, logprob)``.
+    """
+    if len(prompt_ids) < 2:
+        return [], [], []
+    logprobs = torch.log_softmax(context_logits[: len(prompt_ids) - 1].float(), dim=-1)
+    targets = torch.tensor(prompt_ids[1:], device=logprobs.device).unsqueeze(1)
+    chosen = logprobs.gather(1, targets)
+    ranks = (logprobs > chosen).sum(dim=-1) + 1
+    top: list[list[tuple[int, float]]] = [[] for _ in prompt_ids[1:]]
+    if num_top:
+        values, ids = logprobs.topk(min(num_top, logprobs.shape[-1]), dim=-1)
+        top = [list(zip(i, v, strict=True)) for i, v in zip(ids.tolist(), values.tolist(), strict=True)]
+    return chosen.squeeze(1).tolist(), ranks.tolist(), top

@@ -175,6 +175,7 @@ class Scheduler:
         self.kv_cache.cache_full_blocks(request)
         self.kv_cache.free(request.request_id)
         request.num_computed_tokens = 0
+        request.prompt_logit_chunks = []  # recollected when its prompt is computed again
         request.num_preemptions += 1
         request.state = RequestState.WAITING
         self.num_paused_total += 1

@@ -37,6 +37,7 @@ class _Group:
     finished: int = 0
     # best_of > n: each finished sequence's whole output, by sequence index.
     buffered: dict[int, Response] = field(default_factory=dict)
+    started: set[int] = field(default_factory=set)  # sequences that produced a response
 
     @property
     def buffers(self) -> bool:
@@ -99,16 +100,29 @@ class OutputProcessor:
         finished = update.finished or stopped
         if finished:
             self._states.pop(update.request_id, None)
-        response = Response(
-            update.new_token_ids, text, finished, finish_reason, stop_reason, update.error, index=update.seq_index
-        )
+        tokens = update.new_token_ids
+        if group is not None and update.request_id not in group.started:
+            group.started.add(update.request_id)
+            if not group.request.sampling_params.exclude_input_from_output:
+                tokens, text = group.request.prompt_token_ids + tokens, self._prompt_text(group.request) + text
+        response = Response(tokens, text, finished, finish_reason, stop_reason, update.error, index=update.seq_index)
         if update.logprobs is not None:
             response.logprobs = to_logprob_dicts(update.logprobs)
         response.cumulative_logprob = update.cumulative_logprob
         response.generation_logits = update.generation_logits
-        response.prompt_logprobs = update.prompt_logprobs
+        if update.prompt_logprobs is not None:  # the first prompt token has none
+            response.prompt_logprobs = [None, *to_logprob_dicts(update.prompt_logprobs)]
         response.context_logits = update.context_logits
         return self._route(group, response, update.error is not None), stopped and not update.finished
+
+    def _prompt_text(self, request: GenerationRequest) -> str:
+        if request.prompt is not None:
+            return request.prompt
+        if self.tokenizer is None or not request.sampling_params.detokenize:
+            return ""
+        return self.tokenizer.decode(
+            request.prompt_token_ids, skip_special_tokens=request.sampling_params.skip_special_tokens
+        )
 
     def _route(self, group: _Group | None, response: Response, failed: bool) -> list[Response]:
         """Mark request completion, and hold back best_of outputs until the end."""

@@ -44,7 +44,7 @@ class Response:
     logprobs: TokenLogprobs | None = None  # one entry per token of the delta
     cumulative_logprob: float | None = None
     generation_logits: Any = None  # torch.Tensor [len(token_ids), vocab]
-    prompt_logprobs: TokenLogprobs | None = None  # with the first delta, when asked for
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None  # first delta; [0] is None
     context_logits: Any = None  # torch.Tensor [prompt_len, vocab], with the first delta
     request_finished: bool | None = None  # None: same as ``finished`` (one output per request)
 
@@ -104,7 +104,8 @@ class GenerationResult:
         self.prompt = prompt
         self.prompt_token_ids = prompt_token_ids
         self.outputs = [CompletionOutput()]
-        self.prompt_logprobs: TokenLogprobs | None = None
+        # With SamplingParams.prompt_logprobs: per prompt token (None for the first one).
+        self.prompt_logprobs: list[dict[int, Logprob] | None] | None = None
         self.context_logits: Any = None  # torch.Tensor [prompt_len, vocab] when asked for
         self.finished = False
         self.error: str | None = None

@@ -147,6 +147,8 @@ class LLM:
         if cache_salt is not None and (not isinstance(cache_salt, str) or not cache_salt):
             raise ValueError(f"cache_salt must be a non-empty string or None, got {cache_salt!r}")
         prompt_text, token_ids = self._tokenize(inputs, params)
+        if params.truncate_prompt_tokens is not None:
+            token_ids = token_ids[-params.truncate_prompt_tokens :]  # keep the last k tokens
         request = GenerationRequest(
             token_ids, params, prompt=prompt_text, streaming=streaming, priority=float(priority), cache_salt=cache_salt
         )

@@ -175,15 +175,26 @@ class ModelRunner:
         scheduled: list[ScheduledRequest],
         block_table_of: Callable[[int], list[int]],
         token_sources: TokenSources | None = None,
+        prompt_logits: dict[int, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Run one forward pass; returns float32 logits ``[num_sampling_requests, vocab]``
         in the order of the scheduled requests that sample this step.
 
         ``token_sources`` fills input positions whose token was sampled by the
-        previous, not yet committed, step (overlap loop).
+        previous, not yet committed, step (overlap loop). When ``prompt_logits`` is
+        given, it receives, for each request whose sampling needs them, the float32
+        logits of every prompt position computed this step (request id -> ``[n, vocab]``).
         """
         step = self.assemble(scheduled, block_table_of)
-        if self.graphs is not None and step.is_generation_only and self.graphs.can_run(len(step.input_ids)):
+        wants_prompt_logits = prompt_logits is not None and any(
+            item.request.sampling.needs_prompt_logits for item in scheduled
+        )
+        if (
+            self.graphs is not None
+            and step.is_generation_only
+            and not wants_prompt_logits
+            and self.graphs.can_run(len(step.input_ids))
+        ):
             return self.graphs.run(step, token_sources)
         ids = to_device(step.input_ids, torch.long, self.device)
         if token_sources is not None:
@@ -192,11 +203,25 @@ class ModelRunner:
         metadata = self.backend.build_metadata(step.attention)
         with forward_context(ForwardContext(self.backend, metadata, self.kv_caches)):
             hidden = self.model(ids, pos)
+        if wants_prompt_logits:
+            self._collect_prompt_logits(scheduled, hidden, prompt_logits)
         if not step.logits_indices:
             return hidden.new_empty((0, self.config.vocab_size), dtype=torch.float32)
         if len(step.logits_indices) < hidden.shape[0]:
             hidden = hidden.index_select(0, to_device(step.logits_indices, torch.long, self.device))
         return self.model.compute_logits(hidden).float()
+
+    def _collect_prompt_logits(
+        self, scheduled: list[ScheduledRequest], hidden: torch.Tensor, out: dict[int, torch.Tensor]
+    ) -> None:
+        offset = 0
+        for item in scheduled:
+            request = item.request
+            start = request.num_computed_tokens
+            count = min(item.num_new_tokens, request.num_prompt_tokens - start)
+            if request.sampling.needs_prompt_logits and count > 0:
+                out[request.request_id] = self.model.compute_logits(hidden[offset : offset + count]).float()
+            offset += item.num_new_tokens
 
     @torch.inference_mode()
     def profile_peak_memory(self, num_tokens: int, max_seq_len: int) -> int:

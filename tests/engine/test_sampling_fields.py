@@ -163,3 +163,37 @@ def test_same_seed_alone_and_in_a_busy_mixed_batch(llm) -> None:
 def test_bad_words_need_a_tokenizer(llm) -> None:
     with pytest.raises(ValueError, match="bad words need a tokenizer"):
         llm.generate(PROMPTS[0], SamplingParams(bad=["hello"]))
+
+
+def test_prompt_logprobs_and_context_logits_match_transformers(hf_and_dir) -> None:
+    model, path = hf_and_dir
+    prompt = PROMPTS[1]
+    with torch.no_grad():
+        raw = model(torch.tensor([prompt])).logits[0].float()
+    reference = torch.log_softmax(raw, dim=-1)
+    # Chunked over several steps, and with a cached prefix that must not be reused.
+    with LLM(path, skip_tokenizer_init=True, dtype="float32", enable_chunked_prefill=True, max_num_tokens=8,
+             kv_cache_config=KvCacheConfig(tokens_per_block=8, max_tokens=2048)) as llm:
+        llm.generate(prompt, SamplingParams(max_tokens=2))
+        out = llm.generate(prompt, SamplingParams(max_tokens=2, prompt_logprobs=3, return_context_logits=True))
+    torch.testing.assert_close(out.context_logits, raw, atol=1e-4, rtol=1e-4)
+    assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(prompt)
+    for position in range(1, len(prompt)):
+        entry = out.prompt_logprobs[position]
+        token = prompt[position]
+        assert list(entry)[0] == token
+        assert abs(entry[token].logprob - reference[position - 1, token].item()) < 1e-4
+        assert entry[token].rank == int((reference[position - 1] > reference[position - 1, token]).sum()) + 1
+        top = reference[position - 1].topk(3)
+        for t, lp in zip(top.indices.tolist(), top.values.tolist(), strict=True):
+            assert abs(entry[t].logprob - lp) < 1e-4
+
+
+def test_truncate_prompt_and_include_input(llm) -> None:
+    full = llm.generate(PROMPTS[1][-5:], SamplingParams(max_tokens=4, temperature=0))
+    cut = llm.generate(PROMPTS[1], SamplingParams(max_tokens=4, temperature=0, truncate_prompt_tokens=5))
+    assert cut.prompt_token_ids == PROMPTS[1][-5:]
+    assert cut.outputs[0].token_ids == full.outputs[0].token_ids
+    both = llm.generate(PROMPTS[0], SamplingParams(max_tokens=4, temperature=0, exclude_input_from_output=False))
+    alone = llm.generate(PROMPTS[0], SamplingParams(max_tokens=4, temperature=0))
+    assert both.outputs[0].token_ids == PROMPTS[0] + alone.outputs[0].token_ids
