@@ -177,10 +177,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     # Imported here: these modules import this one for the shared engine options.
     from rtllm.bench.cli import add_bench_parser
+    from rtllm.quantization.cli import add_quantize_parser
     from rtllm.serve.cli import add_serve_parser
 
     add_serve_parser(sub)
     add_bench_parser(sub)
+    add_quantize_parser(sub)
     return parser
 
 
