@@ -132,6 +132,45 @@ def completion_logprobs(
     return out, text_offset
 
 
+def echo_logprobs(
+    prompt_token_ids: list[int], entries: list[dict[int, Logprob] | None] | None, strings: TokenStrings
+) -> tuple[CompletionLogprobs, int]:
+    """The ``/v1/completions`` logprobs of an echoed prompt (``echo`` with ``logprobs``).
+
+    ``entries`` are the engine's prompt logprobs, aligned to the end of the prompt; a
+    token without one (the first) has None as its logprob and top logprobs, as in OpenAI.
+    Returns the object and the text offset after the prompt.
+    """
+    entries = entries or []
+    aligned = [None] * max(0, len(prompt_token_ids) - len(entries)) + list(entries)
+    out = CompletionLogprobs()
+    offset = 0
+    for token_id, entry in zip(prompt_token_ids, aligned[-len(prompt_token_ids):], strict=True):
+        token = strings.text(token_id)
+        out.tokens.append(token)
+        out.text_offset.append(offset)
+        offset += len(token)
+        own = None if entry is None else entry.get(token_id)
+        out.token_logprobs.append(None if own is None else clamp(own.logprob))
+        top = None
+        if entry is not None:
+            top = {}
+            for top_id, logprob in entry.items():
+                top.setdefault(strings.text(top_id), clamp(logprob.logprob))
+        out.top_logprobs.append(top)
+    return out, offset
+
+
+def concat(first: CompletionLogprobs, second: CompletionLogprobs) -> CompletionLogprobs:
+    """``first`` followed by ``second`` (a new object)."""
+    return CompletionLogprobs(
+        text_offset=first.text_offset + second.text_offset,
+        token_logprobs=first.token_logprobs + second.token_logprobs,
+        tokens=first.tokens + second.tokens,
+        top_logprobs=first.top_logprobs + second.top_logprobs,
+    )
+
+
 def _chat_top(token_id: int, logprob: Logprob, strings: TokenStrings) -> ChatTopLogprob:
     text, raw = strings.get(token_id)
     return ChatTopLogprob(token=text, logprob=clamp(logprob.logprob), bytes=raw)
@@ -164,18 +203,19 @@ def chat_logprobs(entries: TokenLogprobs, strings: TokenStrings, num_top: int) -
 
 
 def prompt_logprobs(
-    entries: TokenLogprobs | None, num_prompt_tokens: int, strings: TokenStrings
+    entries: list[dict[int, Logprob] | None] | None, num_prompt_tokens: int, strings: TokenStrings
 ) -> list[dict[int, PromptLogprob] | None] | None:
-    """vLLM's ``prompt_logprobs``: one dict per prompt token, None for the first one(s).
+    """vLLM's ``prompt_logprobs``: per prompt token a dict (the token first, then the top
+    ones), None for the first token (nothing precedes it).
 
-    The engine's entries are aligned to the end of the prompt (the first token has no
-    logprob, as nothing precedes it).
+    Entries are aligned to the end of the prompt, so an engine that leaves out the first
+    token's None still lines up.
     """
     if entries is None:
         return None
     padding: list[dict[int, PromptLogprob] | None] = [None] * max(0, num_prompt_tokens - len(entries))
     return padding + [
-        {
+        None if entry is None else {
             token_id: PromptLogprob(
                 logprob=clamp(logprob.logprob), rank=logprob.rank, decoded_token=strings.text(token_id)
             )

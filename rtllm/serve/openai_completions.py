@@ -27,7 +27,7 @@ from rtllm.serve.generation import (
     truncated,
     usage_of,
 )
-from rtllm.serve.logprobs import completion_logprobs, prompt_logprobs
+from rtllm.serve.logprobs import completion_logprobs, concat, echo_logprobs, prompt_logprobs
 from rtllm.serve.protocol import (
     CompletionChoice,
     CompletionLogprobs,
@@ -89,6 +89,15 @@ def _logprobs_of(
     return completion_logprobs(entries or [], ctx.token_strings, offset)
 
 
+def _echo_logprobs_of(
+    ctx: ServingContext, req: CompletionRequest, gen: Generation
+) -> tuple[CompletionLogprobs | None, int]:
+    """With ``echo`` and ``logprobs``: the prompt tokens' logprobs and the offset after them."""
+    if not req.echo or req.logprobs is None:
+        return None, 0
+    return echo_logprobs(gen.prompt.token_ids, gen.result.prompt_logprobs, ctx.token_strings)
+
+
 def _prompt_logprobs_of(ctx: ServingContext, req: CompletionRequest, gen: Generation) -> Any:
     if req.prompt_logprobs is None:
         return None
@@ -126,8 +135,11 @@ async def create_completion(request: Request, ctx: ServingContext) -> Response:
     for gen in generations:
         echo = _echo_text(ctx, gen.prompt) if req.echo else ""
         prompt_lps = _prompt_logprobs_of(ctx, req, gen)
+        echo_lps, offset = _echo_logprobs_of(ctx, req, gen)
         for j, out in enumerate(gen.result.outputs):
-            logprobs, _ = _logprobs_of(ctx, req, out.logprobs, len(echo))
+            logprobs, _ = _logprobs_of(ctx, req, out.logprobs, offset)
+            if echo_lps is not None and logprobs is not None:
+                logprobs = concat(echo_lps, logprobs)
             choices.append(CompletionChoice(index=gen.index * n + j, text=echo + out.text, logprobs=logprobs,
                                             finish_reason=out.finish_reason, stop_reason=out.stop_reason,
                                             prompt_logprobs=prompt_lps))
@@ -142,13 +154,16 @@ async def _stream(
 
     Choice ``i`` of prompt ``p`` has index ``p * n + i``. With ``logprobs``, a chunk
     carries the logprobs of the tokens whose text it brings; tokens that brought none
-    (e.g. part of a stop string) have theirs in the choice's finish chunk.
+    (e.g. part of a stop string) have theirs in the choice's finish chunk. With ``echo``
+    the prompt comes first, in a chunk of its own; with ``echo`` and ``logprobs`` that
+    chunk waits for the engine's first update, which brings the prompt's logprobs.
     """
     response_id, created = random_id("cmpl"), int(time.time())
     n = req.n or 1
     offsets: dict[int, int] = {}  # choice index -> text offset of its next token
     pending: dict[int, TokenLogprobs] = {}  # choice index -> logprobs not sent yet
     prompt_sent: set[int] = set()
+    echo_later = bool(req.echo) and req.logprobs is not None
 
     def chunk(choices: list[CompletionChoice], usage: UsageInfo | None = None) -> str:
         body = CompletionStreamResponse(id=response_id, created=created, model=ctx.model_name,
@@ -166,14 +181,18 @@ async def _stream(
             fields["prompt_logprobs"] = _prompt_logprobs_of(ctx, req, generations[delta.index])
         return CompletionChoice(index=index, text=text, logprobs=logprobs, **fields)
 
+    def echo_chunk(gen: Generation, index: int) -> str:
+        logprobs, offsets[index] = _echo_logprobs_of(ctx, req, gen)
+        return chunk([CompletionChoice(index=index, text=_echo_text(ctx, gen.prompt), logprobs=logprobs)])
+
     try:
-        if req.echo:
+        if req.echo and not echo_later:
             for gen in generations:
-                echo = _echo_text(ctx, gen.prompt)
                 for j in range(n):
-                    offsets[gen.index * n + j] = len(echo)
-                    yield chunk([CompletionChoice(index=gen.index * n + j, text=echo)])
+                    yield echo_chunk(gen, gen.index * n + j)
         async for delta in merge_deltas(generations):
+            if echo_later and delta.index * n + delta.output not in offsets:
+                yield echo_chunk(generations[delta.index], delta.index * n + delta.output)
             if delta.logprobs:
                 pending.setdefault(delta.index * n + delta.output, []).extend(delta.logprobs)
             if delta.text:

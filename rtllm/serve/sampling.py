@@ -4,9 +4,10 @@ Every parameter either reaches the engine or is answered with a 400 naming it:
 
 - :data:`_UNSUPPORTED_UNLESS`: what this server does not do (tools, audio, ``suffix``...),
   accepted only with its null / default value.
-- :data:`_ENGINE_PENDING`: what :func:`to_sampling_params` already maps and the response
-  builders already handle, but the engine does not apply yet (``SamplingParams`` raises
-  ``NotImplementedError``). Lifting one is deleting its line there.
+- :data:`_ENGINE_PENDING`: what :func:`to_sampling_params` maps and the response builders
+  handle (one choice per output, ``prompt_logprobs``, truncated prompts), refused while
+  the engine does not apply it yet, i.e. while ``SamplingParams`` would raise
+  ``NotImplementedError`` for it (:func:`engine_refuses`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import rtllm.sampling_params as engine_sampling
 from rtllm.sampling_params import SamplingParams
 from rtllm.serve.errors import OpenAIError, invalid, unsupported
 from rtllm.serve.protocol import ChatCompletionRequest, CompletionRequest
@@ -51,10 +53,10 @@ _DESCRIPTIONS = {
     "tools": "tool calling ('tools')",
 }
 
-# Parameter -> (is it on in this request?, what it does). Mapped by to_sampling_params and
-# handled by the response builders (one choice per output, prompt_logprobs, truncation);
-# refused only because SamplingParams raises NotImplementedError for them so far
-# (rtllm.sampling_params._NOT_YET_WIRED). When the engine applies one, delete its line.
+# Parameter -> (is it on in this request?, what it does). Each is mapped by to_sampling_params
+# under the same SamplingParams field name and handled by the response builders; it is refused
+# only while the engine still lists that field as not applied (engine_refuses). To refuse one
+# for another reason, or to lift a refusal early, edit its line here.
 _ENGINE_PENDING: dict[str, tuple[Callable[[Any], bool], str]] = {
     "n": (lambda r: (r.n or 1) > 1, "several choices per prompt"),
     "best_of": (lambda r: r.best_of not in (None, r.n or 1), "more candidates than choices"),
@@ -65,6 +67,17 @@ _ENGINE_PENDING: dict[str, tuple[Callable[[Any], bool], str]] = {
                         "the prompt's log probabilities"),
     "truncate_prompt_tokens": (lambda r: r.truncate_prompt_tokens is not None, "prompt truncation"),
 }
+
+
+def engine_refuses(name: str) -> bool:
+    """Whether ``SamplingParams`` still raises ``NotImplementedError`` for field ``name``.
+
+    Read from the engine's own list (:data:`rtllm.sampling_params._NOT_YET_WIRED`) on
+    every request, so a parameter the engine starts applying is accepted without a
+    server change, and one it does not is refused here with a message naming it.
+    """
+    return name in engine_sampling._NOT_YET_WIRED
+
 
 _MESSAGE_UNSUPPORTED = ("tool_calls", "tool_call_id", "function_call", "refusal", "audio")
 
@@ -92,10 +105,11 @@ def check_unsupported(request: Request) -> None:
             raise unsupported(name, _DESCRIPTIONS.get(name))
     _check_counts(request)
     for name, (is_on, what) in _ENGINE_PENDING.items():
-        if is_on(request):
+        if is_on(request) and engine_refuses(name):
             raise unsupported(name, f"{what} ({name}={getattr(request, name)!r})")
-    if isinstance(request, CompletionRequest) and request.echo and request.logprobs is not None:
-        # OpenAI then covers the prompt's tokens too, which needs the engine's prompt logprobs.
+    if (isinstance(request, CompletionRequest) and request.echo and request.logprobs is not None
+            and engine_refuses("prompt_logprobs")):
+        # The logprobs then cover the prompt's tokens too: the engine's prompt logprobs.
         raise unsupported("echo", "echo together with logprobs (the prompt's logprobs)")
     if request.stream_options is not None and not request.stream:
         raise invalid("stream_options is only allowed when stream is true", param="stream_options")
@@ -158,6 +172,14 @@ def _logprobs(request: Request) -> int | None:
     if isinstance(request, CompletionRequest):
         return count
     return (count or 0) if request.logprobs else None
+
+
+def _prompt_logprobs(request: Request) -> int | None:
+    """``SamplingParams.prompt_logprobs``: asked for, or needed by ``echo`` with ``logprobs``."""
+    asked = getattr(request, "prompt_logprobs", None)
+    if isinstance(request, CompletionRequest) and request.echo and request.logprobs is not None:
+        return max(request.logprobs, asked or 0)
+    return asked
 
 
 def logit_bias_tensor(logit_bias: dict[str, float] | None, vocab_size: int) -> Any:
@@ -240,11 +262,11 @@ def to_sampling_params(
         "embedding_bias": logit_bias_tensor(request.logit_bias, vocab_size),
         "logprobs": _logprobs(request),
         "guided_decoding": guided_decoding(request),
-        # Engine-pending (see _ENGINE_PENDING): mapped, refused before this point for now.
+        # Engine-pending (_ENGINE_PENDING): refused before this point while the engine is.
         "n": 1 if request.n is None else request.n,
         "best_of": request.best_of,
         "use_beam_search": bool(request.use_beam_search),
-        "prompt_logprobs": getattr(request, "prompt_logprobs", None),
+        "prompt_logprobs": _prompt_logprobs(request),
         "truncate_prompt_tokens": request.truncate_prompt_tokens,
     }
     for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens",

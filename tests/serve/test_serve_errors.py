@@ -10,6 +10,7 @@ from serve_helpers import MAX_SEQ_LEN, SERVED_NAME, call, make_llm
 
 from rtllm import LLM
 from rtllm.serve import build_app
+from rtllm.serve.sampling import engine_refuses
 
 _HELLO = {"prompt": "Hello"}
 _CHAT = {"messages": [{"role": "user", "content": "Hi"}]}
@@ -47,15 +48,31 @@ def assert_error(response: Any, param: str | None, *words: str, status: int = 40
     return error
 
 
-UNSUPPORTED_COMPLETION = [
-    ("n", 2), ("best_of", 3), ("suffix", "!"), ("use_beam_search", True), ("length_penalty", 0.8),
-    ("early_stopping", False), ("detokenize", False), ("prompt_logprobs", 1),
-    ("truncate_prompt_tokens", 4),
-]
+UNSUPPORTED_COMPLETION = [("suffix", "!"), ("detokenize", False)]
 UNSUPPORTED_CHAT = [
-    ("tools", [{"type": "function", "function": {"name": "f"}}]), ("tool_choice", "required"), ("n", 4),
-    ("best_of", 2), ("use_beam_search", True), ("truncate_prompt_tokens", 8),
+    ("tools", [{"type": "function", "function": {"name": "f"}}]), ("tool_choice", "required"),
 ]
+# Mapped by the server, refused while the engine's SamplingParams does not apply them.
+ENGINE_PENDING = [
+    ("n", 2), ("best_of", 3), ("use_beam_search", True), ("length_penalty", 0.8), ("early_stopping", False),
+    ("prompt_logprobs", 1), ("truncate_prompt_tokens", 4),
+]
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+@pytest.mark.parametrize(("name", "value"), ENGINE_PENDING)
+def test_engine_pending_parameter(app: Any, submissions: list[Any], path: str, name: str, value: Any) -> None:
+    body = {**(_HELLO if path == "/v1/completions" else _CHAT), name: value, "max_tokens": 2}
+    if name == "prompt_logprobs" and path != "/v1/completions":
+        assert_error(call(app, "POST", path, json=body), name, "Unrecognized")
+        return
+    response = call(app, "POST", path, json=body)
+    if engine_refuses(name):
+        error = assert_error(response, name, name)
+        assert error["code"] == "unsupported_parameter"
+        assert not submissions
+    else:
+        assert response.status_code == 200, response.text
 
 
 @pytest.mark.parametrize(("name", "value"), UNSUPPORTED_COMPLETION)
