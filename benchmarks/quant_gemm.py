@@ -123,7 +123,7 @@ def copies_for(nbytes: int, l2: int) -> int:
 
 
 def sweep(args: argparse.Namespace, l2: int) -> None:
-    gemv = [(4, 1), (8, 1), (16, 1), (8, 2), (16, 2), (8, 4), (32, 4)]  # (block_n, warps)
+    gemv = [(2, 1), (4, 1), (8, 1), (4, 2), (8, 2), (4, 4), (8, 4)]  # (block_n, warps)
     gemm = {
         16: [(16, 64, 4, 4, 2), (16, 128, 4, 4, 2), (16, 64, 8, 4, 2), (16, 32, 4, 2, 2)],
         64: [(64, 64, 4, 4, 2), (64, 128, 4, 4, 2), (32, 128, 4, 4, 2), (64, 128, 8, 8, 2)],
@@ -144,7 +144,7 @@ def sweep(args: argparse.Namespace, l2: int) -> None:
                 us = time_us([make_call(method, x, w, cfg) for w in wts], args.reps, args.trials)
                 res.append((us, f"gemv bn={bn} w={warps}"))
             print(f"sweep {name:8s} {method} M=1: " + ", ".join(f"{c} {u:.1f}" for u, c in res))
-            if method != "w4a16" or name == "down":
+            if method != "w4a16" or name == "down" or not args.sweep_gemm:
                 continue
             for m, cands in gemm.items():
                 x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
@@ -168,6 +168,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=50, help="calls per CUDA graph")
     parser.add_argument("--trials", type=int, default=15, help="graph replays timed")
     parser.add_argument("--sweep", action="store_true", help="time tile configurations first")
+    parser.add_argument("--sweep-gemm", action="store_true", help="with --sweep: GEMM tiles too")
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args()
     props = torch.cuda.get_device_properties(0)

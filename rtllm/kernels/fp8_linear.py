@@ -54,9 +54,10 @@ def _per_token_fp8_kernel(x_ptr, q_ptr, scale_ptr, K, stride_x, stride_q, BLOCK:
         v = tl.load(x_ptr + row * stride_x + k + offs, mask=k + offs < K, other=0.0)
         amax = tl.maximum(amax, tl.abs(v.to(tl.float32)))
     a = tl.max(amax, axis=0)
-    # rtn's rule: scale = amax / 448, or 1 for an all-zero row; IEEE division (div_rn)
-    # so that the scale and the codes match the PyTorch quantizer bit for bit.
-    scale = tl.where(a > 0.0, tl.math.div_rn(a, 448.0), 1.0)
+    # rtn's rule: scale = amax / 448, or 1 for an all-zero row. PyTorch on CUDA divides
+    # by a Python scalar as a multiplication by its float32 reciprocal, so do the same;
+    # the codes use IEEE division (div_rn) like PyTorch's tensor division: bit for bit.
+    scale = tl.where(a > 0.0, a * (1.0 / 448.0), 1.0)
     tl.store(scale_ptr + row, scale)
     for k in range(0, K, BLOCK):
         mask = k + offs < K

@@ -544,18 +544,22 @@ def quant_linear(
         # GPU: one warp per program and 4 words per thread along K (chunk = 32 *
         # num_warps), so that x's [1, 4 * chunk] slices get the weight tile's layout
         # (Triton sizes a load's per-thread vector by its elements per thread).
-        num_warps = cfg.num_warps or 1
-        block_n = cfg.block_n or (8 if on_gpu else 32)
+        # H200 sweep (benchmarks/quant_gemm.py --sweep): 8 channels x 2 warps was best
+        # for N = 4096, 4 channels x 1 warp for N = 28672 (more programs in flight).
+        wide = n >= 16384
+        num_warps = cfg.num_warps or (1 if wide or not on_gpu else 2)
+        block_n = cfg.block_n or ((4 if wide else 8) if on_gpu else 32)
         chunk = cfg.chunk or (32 * num_warps if on_gpu else 4)
         tiles_n = triton.cdiv(n, block_n)
         split = cfg.split_k or _choose_split(tiles_n * m, num_blocks, chunk, 2 * sms, 2)
     elif kernel == "gemm":
         block_m = cfg.block_m or (16 if m <= 16 else 32 if m <= 32 else 64 if m <= 64 else 128)
-        block_n = cfg.block_n or (64 if (m <= 64 or not on_gpu) else 128)
+        # H200 sweep: 16x64 (M <= 16), 64x128 (M <= 64), 128x256 with 8 warps (larger).
+        block_n = cfg.block_n or (64 if m <= 16 or not on_gpu else 128 if m <= 64 else 256)
         chunk = cfg.chunk or 4
         if 4 * chunk < 16:
             raise ValueError(f"chunk must be >= 4 for the GEMM kernel, got {chunk}")
-        num_warps = cfg.num_warps or 4
+        num_warps = cfg.num_warps or (8 if block_m * block_n >= 128 * 128 else 4)
         tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
         split = cfg.split_k or _choose_split(tiles, num_blocks, chunk, sms, 4)
     else:
