@@ -2,10 +2,6 @@
 
 Decoding is greedy when ``temperature == 0`` or ``top_k == 1``, and also (as in
 TensorRT-LLM) when none of ``temperature``, ``top_k`` and ``top_p`` is set.
-
-Fields the engine does not apply yet are listed in :data:`_NOT_YET_WIRED`: giving one of
-them a non-default value raises ``NotImplementedError`` (after validation, so a bad value
-still gets the ``ValueError`` that explains it) instead of being silently ignored.
 """
 
 from __future__ import annotations
@@ -19,15 +15,6 @@ if TYPE_CHECKING:
     import torch
 
     from rtllm.structured.params import GuidedDecodingParams
-
-_NOT_YET_WIRED: frozenset[str] = frozenset(
-    {
-        "use_beam_search",
-        "length_penalty",
-        "early_stopping",
-    }
-)
-"""Fields the engine ignores so far; the engine integrator removes a name once it is applied."""
 
 # vLLM name -> TensorRT-LLM name. The alias is folded into the TRT-LLM field by __post_init__.
 _ALIASES: dict[str, str] = {"bad_words": "bad", "logits_processors": "logits_processor"}
@@ -148,7 +135,8 @@ class SamplingParams:
         skip_special_tokens: Leave special tokens out of the output text.
         spaces_between_special_tokens: Put spaces between special tokens in the text.
         add_special_tokens: Add the tokenizer's special tokens (e.g. BOS) to text prompts.
-        n: Number of sequences to return per prompt (>= 1; only 1 is applied yet).
+        n: Number of sequences to return per prompt (>= 1). They share the prompt's KV
+            blocks; sequence i > 0 of a seeded request uses seed + i.
         min_p: Keep only tokens whose probability is at least ``min_p`` times that of the
             most likely token, in [0, 1]; 0 disables it.
         repetition_penalty: Divide the positive logits (multiply the negative ones) of every
@@ -176,29 +164,31 @@ class SamplingParams:
         truncate_prompt_tokens: Keep only the last k prompt tokens (k >= 1); None keeps the
             whole prompt.
         exclude_input_from_output: Leave the prompt out of the returned tokens and text
-            (True, the engine's behaviour); False is *not applied yet*.
-        return_context_logits: Return the logits of every prompt position
-           .
-        return_generation_logits: Return the logits of every generated position
-           .
+            (True); False puts the prompt's tokens and text in front of each output.
+        return_context_logits: Return the float32 logits of every prompt position as
+            ``RequestOutput.context_logits`` ``[prompt_len, vocab]`` (the prompt is then
+            never served from the prefix cache).
+        return_generation_logits: Return the float32 raw logits of every generated
+            position as ``CompletionOutput.generation_logits`` ``[len, vocab]``.
         logprobs: Return the log-probability of each generated token and of the k most
             likely tokens at that step (k >= 0; 0 returns the generated token's only);
             None returns none. They are taken from the distribution after penalties and
             temperature, before top-k/top-p/min-p truncation (:mod:`rtllm.engine.logprobs`)
            .
-        prompt_logprobs: Like ``logprobs``, for the prompt tokens.
+        prompt_logprobs: Like ``logprobs``, for the prompt tokens, from the raw logits of the
+            position before each (``RequestOutput.prompt_logprobs``; None for the first).
         best_of: Number of sequences generated, of which the best ``n`` are returned
             (>= ``n``); None means ``n``.
         use_beam_search: Beam search with ``best_of`` (or ``n``) beams instead of sampling
-           .
+            (at most the LLM's ``max_beam_width``); the ``n`` best hypotheses are returned
+            at the end (:mod:`rtllm.engine.beam_search`).
         length_penalty: Beam search scores a finished beam as its cumulative log-probability
-            divided by ``length ** length_penalty`` (finite); 1.0 is the default
-           .
+            divided by ``length ** length_penalty`` (finite); 1.0 is the default.
         early_stopping: When beam search stops, as TensorRT-LLM's integer (>= 0; a bool
-            reads as 0 or 1): 1 (True, the default) stops as soon as beam-width beams have
-            finished; 0 (False) and larger values select TensorRT-LLM's other stopping
-            rules, which decide whether an unfinished beam could still beat the finished
-            ones.
+            reads as 0 or 1): 1 (True, the default) stops as soon as beam-width hypotheses
+            have finished; 0 (False) also stops once the best live beam, scored at its
+            current length, cannot beat the worst finished one; larger values ("never")
+            make that estimate at the longest possible length.
         guided_decoding: A :class:`rtllm.structured.GuidedDecodingParams` (JSON schema,
             regex, EBNF grammar or any JSON object) the output must match; the engine masks
             every step's logits with xgrammar's token bitmask for this request.
@@ -253,7 +243,6 @@ class SamplingParams:
     def __post_init__(self) -> None:
         self._fold_aliases()
         self._validate()
-        self._reject_not_yet_wired()
         self._stop_list = _as_str_list(self.stop) or []
         self._bad_list = _as_str_list(self.bad) or []
 
@@ -315,13 +304,6 @@ class SamplingParams:
         )
         # Reading the values synchronises with the tensor's device: once, at submission.
         _require(bool(torch.isfinite(bias).all()), "embedding_bias", bias, allowed)
-
-    def _reject_not_yet_wired(self) -> None:
-        for name in sorted(_NOT_YET_WIRED):
-            if _is_set(getattr(self, name), _DEFAULTS[name]):
-                raise NotImplementedError(
-                    f"SamplingParams.{name} is not supported by the engine yet"
-                )
 
     @property
     def is_greedy(self) -> bool:

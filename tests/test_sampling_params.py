@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import torch
 
-from rtllm import SamplingParams, sampling_params
+from rtllm import SamplingParams
 
 
 def test_defaults() -> None:
@@ -192,16 +192,6 @@ NEW_FIELDS = {
 }
 
 
-@pytest.fixture
-def wired(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Pretend the engine applies every field, to test what validation lets through."""
-    monkeypatch.setattr(sampling_params, "_NOT_YET_WIRED", frozenset())
-
-
-def test_not_yet_wired_lists_only_new_fields() -> None:
-    assert NEW_FIELDS | {"n"} >= sampling_params._NOT_YET_WIRED
-
-
 nan, inf = float("nan"), float("inf")
 BAD_VALUES: list[tuple[str, Any]] = [
     *[("min_p", v) for v in (-0.1, 1.5, nan, "0.1", True, None)],
@@ -230,7 +220,6 @@ BAD_VALUES: list[tuple[str, Any]] = [
 
 @pytest.mark.parametrize(("name", "value"), BAD_VALUES)
 def test_bad_new_field_values(name: str, value: Any) -> None:
-    # ValueError, not NotImplementedError: validation runs before the not-yet-wired check.
     with pytest.raises(ValueError, match=rf"^{name} must be ") as info:
         SamplingParams(**{name: value})
     assert repr(value) in str(info.value)
@@ -260,18 +249,8 @@ GOOD_VALUES: list[tuple[str, Any]] = [
 ]
 
 
-@pytest.mark.parametrize(
-    ("name", "value"), [(n, v) for n, v in GOOD_VALUES if n in sampling_params._NOT_YET_WIRED]
-)
-def test_valid_new_field_not_supported_yet(name: str, value: Any) -> None:
-    with pytest.raises(
-        NotImplementedError, match=rf"^SamplingParams\.{name} is not supported by the engine yet$"
-    ):
-        SamplingParams(**{name: value})
-
-
 @pytest.mark.parametrize(("name", "value"), GOOD_VALUES)
-def test_valid_new_field_is_kept_once_wired(wired: None, name: str, value: Any) -> None:
+def test_valid_new_field_is_kept(name: str, value: Any) -> None:
     assert getattr(SamplingParams(**{name: value}), name) is value
 
 
@@ -289,7 +268,7 @@ def test_default_values_given_explicitly_are_accepted(kwargs: dict[str, Any]) ->
     SamplingParams(**kwargs)
 
 
-def test_validation_comes_before_the_not_supported_check() -> None:
+def test_invalid_value_among_valid_ones() -> None:
     with pytest.raises(ValueError, match="top_p"):
         SamplingParams(n=2, top_p=5.0)
     with pytest.raises(ValueError, match="min_tokens"):
@@ -315,7 +294,7 @@ def test_error_messages_say_what_is_allowed() -> None:
         SamplingParams(min_p=-1)
 
 
-def test_vllm_aliases(wired: None) -> None:
+def test_vllm_aliases() -> None:
     p = SamplingParams(bad_words=["x", "y"], logits_processors=[print])
     assert p.bad == ["x", "y"] and p.bad_words is None
     assert p.bad_strings == ["x", "y"]
@@ -362,7 +341,7 @@ def test_alias_and_field_both_given(kwargs: dict[str, Any]) -> None:
         ({"min_p": 0.2, "temperature": 1.0}, False),
     ],
 )
-def test_needs_token_history(wired: None, kwargs: dict[str, Any], needed: bool) -> None:
+def test_needs_token_history(kwargs: dict[str, Any], needed: bool) -> None:
     assert SamplingParams(**kwargs).needs_token_history is needed
 
 

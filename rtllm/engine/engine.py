@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from rtllm.engine import beam_groups
 from rtllm.engine.kv_cache.kv_cache_manager import KVCacheManager
 from rtllm.engine.llm_request import PENDING_TOKEN, FinishReason, LlmRequest
 from rtllm.engine.logprobs import prompt_token_logprobs
@@ -43,6 +44,7 @@ class EngineLimits:
     max_num_tokens: int
     vocab_size: int
     enable_chunked_prefill: bool
+    max_beam_width: int = 1
 
 
 class Engine:
@@ -78,9 +80,14 @@ class Engine:
     def has_work(self) -> bool:
         return self.scheduler.has_work or self._in_flight is not None
 
-    def validate(self, prompt_token_ids: list[int], max_tokens: int) -> None:
+    def validate(self, prompt_token_ids: list[int], max_tokens: int, beam_width: int = 1) -> None:
         """Raise ``ValueError`` if a request with this prompt can never run."""
         limits = self.limits
+        if beam_width > limits.max_beam_width:
+            raise ValueError(
+                f"beam width {beam_width} (best_of or n with use_beam_search) exceeds the LLM's "
+                f"max_beam_width={limits.max_beam_width}; create the LLM with max_beam_width >= {beam_width}"
+            )
         num = len(prompt_token_ids)
         if num == 0:
             raise ValueError("prompt is empty: at least one token is needed")
@@ -109,8 +116,10 @@ class Engine:
     def add_request(self, request: LlmRequest) -> None:
         if request.request_id in self.requests:
             raise ValueError(f"request id {request.request_id} is already in the engine")
-        if request.sampling.num_sequences > 1:
+        if request.sampling.num_sequences > 1 or request.sampling.use_beam_search:
             request.group = SequenceGroup(request.request_id, request.sampling.num_sequences, [request])
+            if request.sampling.use_beam_search:
+                request.group.beam = beam_groups.new_beam_state(request)
             self.groups[request.request_id] = request.group
         self.requests[request.request_id] = request
         self.scheduler.add_request(request)
@@ -187,7 +196,7 @@ class Engine:
             if not request.output_token_ids:  # not a recomputation after a pause
                 request.prompt_logit_chunks.append(chunk)
         sampling = [item.request for item in scheduled if item.samples]
-        if any(r.group is not None and not r.group.forked for r in sampling):
+        if any(r.group is not None and not r.group.forked and not r.group.is_beam_search for r in sampling):
             sampling, rows = self._fork_groups(scheduled)
             logits = logits.index_select(0, to_device(rows, torch.long, logits.device))
         sample = self.sampler.sample_async(logits, sampling) if sampling else None
@@ -217,8 +226,8 @@ class Engine:
             sampling.append(request)
             rows.append(row)
             group = request.group
-            if group is None or group.forked:
-                continue
+            if group is None or group.forked or group.is_beam_search:
+                continue  # beams fork when the first step's candidates are chosen
             request.num_computed_tokens += item.num_new_tokens  # what the forks inherit
             children = fork(request, self.kv_cache, self._new_sequence_id, self._new_grammar)
             request.num_computed_tokens -= item.num_new_tokens
@@ -267,6 +276,7 @@ class Engine:
                     self._fail(request, exc, updates)
             return
         logit_rows = {row: j for j, row in enumerate(launched.sample.generation_logit_rows)}
+        beam_rows: dict[int, dict[int, int]] = {}  # beam group client id -> request id -> row
         for row, (request, token) in enumerate(zip(launched.requests, outputs["tokens"], strict=True)):
             if request.is_finished:
                 continue  # finished (or aborted) while this step was in flight
@@ -274,6 +284,9 @@ class Engine:
             request.num_pending_tokens -= 1
             if request.first_token_time is None:
                 request.first_token_time = time.monotonic()
+            if request.sampling.use_beam_search:
+                beam_rows.setdefault(request.client_id, {})[request.request_id] = row
+                continue
             logprobs = None
             sampling = request.sampling
             if sampling.needs_logprobs:
@@ -292,6 +305,11 @@ class Engine:
             if request.prompt_logit_chunks:
                 attach_prompt_outputs(request, update)
             updates.append(update)
+        row_in_beam_outputs = {row: j for j, row in enumerate(launched.sample.beam_rows)}
+        for client_id, rows in beam_rows.items():
+            group = self.groups.get(client_id)
+            if group is not None:
+                beam_groups.advance(self, group, rows, outputs, row_in_beam_outputs, updates)
 
     def _retry_alone(self, scheduled: list[ScheduledRequest], updates: list[RequestUpdate]) -> None:
         for item in scheduled:

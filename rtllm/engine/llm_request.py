@@ -72,7 +72,9 @@ class SamplingConfig:
             or params.no_repeat_ngram_size > 0
             or bool(params.bad_sequences)
         )
-        return history_params or bool(self.logits_processors) or self.guided is not None
+        return (
+            history_params or bool(self.logits_processors) or self.guided is not None or self.use_beam_search
+        )
 
     @property
     def needs_logprobs(self) -> bool:

@@ -52,10 +52,15 @@ class SampleOutput:
     top_logprobs: torch.Tensor | None = None
     generation_logits: torch.Tensor | None = None
     generation_logit_rows: tuple[int, ...] = ()
+    # Beam search rows: each row's best next tokens and their log-probabilities.
+    beam_top_ids: torch.Tensor | None = None
+    beam_top_logprobs: torch.Tensor | None = None
+    beam_rows: tuple[int, ...] = ()
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The device tensors to bring to the host, by name."""
-        names = ("tokens", "logprobs", "ranks", "top_ids", "top_logprobs", "generation_logits")
+        names = ("tokens", "logprobs", "ranks", "top_ids", "top_logprobs", "generation_logits",
+                 "beam_top_ids", "beam_top_logprobs")
         return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
 
 
@@ -68,6 +73,7 @@ def _is_plain_greedy(request: LlmRequest) -> bool:
         and s.guided is None
         and not s.needs_logprobs
         and not s.return_generation_logits
+        and not s.use_beam_search
     )
 
 
@@ -128,6 +134,16 @@ class Sampler:
         out = SampleOutput(tokens, generation_logits=generation_logits, generation_logit_rows=generation_rows)
         if any(r.sampling.needs_logprobs for r in requests):
             self._logprobs(scaled, requests, out)
+        beam_rows = [i for i, r in enumerate(requests) if r.sampling.use_beam_search]
+        if beam_rows:
+            # Beam search is deterministic: processed logits, no temperature.
+            index = to_device(beam_rows, torch.long, logits.device)
+            logprobs = torch.log_softmax(logits.index_select(0, index), dim=-1)
+            width = max(r.sampling.num_sequences for r in requests if r.sampling.use_beam_search)
+            num_end_ids = max(len(r.sampling.end_ids) for r in requests if r.sampling.use_beam_search)
+            num_top = min(max(2, 1 + num_end_ids) * width, logprobs.shape[-1])
+            out.beam_top_logprobs, out.beam_top_ids = logprobs.topk(num_top, dim=-1)
+            out.beam_rows = tuple(beam_rows)
         return out
 
     # ---- stages ------------------------------------------------------------------------

@@ -83,11 +83,18 @@ class MicroBatchScheduler:
         scheduled: list[ScheduledRequest] = []
         generation = [r for r in running if r.num_computed_tokens >= r.num_prompt_tokens]
         context = [r for r in running if r.num_computed_tokens < r.num_prompt_tokens]
+        beam_members = _live_beam_members(generation)
         for request in generation:
             if request.num_tokens >= request.max_total_tokens:
                 continue  # its last token is still on the device (overlap loop); nothing to compute
             if len(scheduled) >= self.max_batch_size or budget < 1:
                 return scheduled
+            members = beam_members.get(request.client_id)
+            if members is not None:  # a beam search runs all its beams in one step, or waits
+                if request is members[0] and len(scheduled) + len(members) <= self.max_batch_size and budget >= len(members):
+                    scheduled.extend(ScheduledRequest(m, 1) for m in members)
+                    budget -= len(members)
+                continue
             # More than one token only for a paused request recomputing its output so
             # far; that recomputation is always chunked to the budget.
             count = min(request.num_tokens - request.num_computed_tokens, budget)
@@ -104,6 +111,16 @@ class MicroBatchScheduler:
                 scheduled.append(ScheduledRequest(request, budget))
                 budget = 0
         return scheduled
+
+
+def _live_beam_members(generation: list[LlmRequest]) -> dict[int, list[LlmRequest]]:
+    """Client id -> the running beams of each beam search among ``generation``."""
+    groups: dict[int, list[LlmRequest]] = {}
+    for request in generation:
+        group = request.group
+        if group is not None and group.is_beam_search:
+            groups.setdefault(request.client_id, []).append(request)
+    return groups
 
 
 class Scheduler:
@@ -153,7 +170,11 @@ class Scheduler:
                     f"the KV cache ran out of blocks under {self.policy.value} "
                     f"({self.kv_cache.num_free_blocks} free of {self.kv_cache.num_blocks})"
                 )
-            paused.append(self._pause(self.running.pop()))
+            victim = next((r for r in reversed(self.running) if not _is_beam(r)), None)
+            if victim is None:
+                raise RuntimeError("the KV cache is too small for the running beam searches")
+            self.running.remove(victim)
+            paused.append(self._pause(victim))
         for item in scheduled:
             request = item.request
             self.kv_cache.allocate(request, request.num_computed_tokens + item.num_new_tokens)
@@ -193,3 +214,7 @@ class Scheduler:
         if request.finish_reason is not FinishReason.ERROR:
             self.kv_cache.cache_full_blocks(request)
         self.kv_cache.free(request.request_id)
+
+
+def _is_beam(request: LlmRequest) -> bool:
+    return request.group is not None and request.group.is_beam_search

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from rtllm.engine.kv_cache.kv_cache_manager import KVCacheManager
 from rtllm.engine.llm_request import LlmRequest, RequestState
@@ -26,6 +27,11 @@ class SequenceGroup:
     size: int  # sequences generated (best_of, or n)
     members: list[LlmRequest] = field(default_factory=list)
     forked: bool = False
+    beam: Any = None  # a BeamState when the group is a beam search
+
+    @property
+    def is_beam_search(self) -> bool:
+        return self.beam is not None
 
     @property
     def pending_slots(self) -> int:

@@ -56,7 +56,8 @@ class InProcessExecutor(GenerationExecutor):
     # ---- caller side -------------------------------------------------------------------
     def submit(self, request: GenerationRequest) -> GenerationResult:
         params = request.sampling_params
-        self.engine.validate(request.prompt_token_ids, params.max_tokens)
+        beam_width = (params.best_of or params.n) if params.use_beam_search else 1
+        self.engine.validate(request.prompt_token_ids, params.max_tokens, beam_width)
         # Resolved here, in the caller's thread: bad input raises to the caller, and
         # compiling a grammar never holds up the engine loop.
         runner = self.engine.runner

@@ -55,7 +55,9 @@ class OutputProcessor:
     def add(self, request: GenerationRequest) -> None:
         params = request.sampling_params
         num_returned = params.n
-        self._groups[request.request_id] = _Group(request, params.best_of or num_returned, num_returned)
+        # A beam search reports only its n best hypotheses, once, at the end.
+        num_sequences = num_returned if params.use_beam_search else params.best_of or num_returned
+        self._groups[request.request_id] = _Group(request, num_sequences, num_returned)
         self._states[request.request_id] = self._new_state(request)
 
     def _new_state(self, request: GenerationRequest) -> _TextState | None:

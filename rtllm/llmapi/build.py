@@ -89,7 +89,9 @@ def build_engine(args: LlmArgs) -> BuiltEngine:
         args.enable_chunked_prefill,
         args.scheduler_config.capacity_scheduler_policy,
     )
-    limits = EngineLimits(max_seq_len, args.max_num_tokens, config.vocab_size, args.enable_chunked_prefill)
+    limits = EngineLimits(
+        max_seq_len, args.max_num_tokens, config.vocab_size, args.enable_chunked_prefill, args.max_beam_width
+    )
     overlap = device.type == "cuda" if args.disable_overlap_scheduler is None else not args.disable_overlap_scheduler
     engine = Engine(runner, kv_cache, scheduler, Sampler(device, args.seed), limits, overlap=overlap)
     end_ids = config.eos_token_ids

@@ -185,6 +185,8 @@ class LlmArgs:
             ``LLM.get_stats``.
         iter_stats_max_iterations: Most iterations of stats kept until read (oldest
             dropped first); None keeps 1000.
+        max_beam_width: Largest beam width a request may ask for (``use_beam_search``
+            with ``best_of``/``n`` beams).
         quant_config: Quantization (:class:`rtllm.quantization.QuantConfig`) applied
             on load; None loads the checkpoint as it is (pre-quantized checkpoints
             carry their own ``quantization_config``).
@@ -207,6 +209,7 @@ class LlmArgs:
     disable_overlap_scheduler: bool | None = None
     enable_iter_perf_stats: bool = False
     iter_stats_max_iterations: int | None = None
+    max_beam_width: int = 1
     quant_config: QuantConfig | None = None
 
     def __post_init__(self) -> None:
@@ -220,6 +223,7 @@ class LlmArgs:
         _check_positive_int("max_num_tokens", self.max_num_tokens)
         _check_positive_int("max_seq_len", self.max_seq_len, allow_none=True)
         _check_positive_int("iter_stats_max_iterations", self.iter_stats_max_iterations, allow_none=True)
+        _check_positive_int("max_beam_width", self.max_beam_width)
         if self.quant_config is not None and not isinstance(self.quant_config, QuantConfig):
             raise ValueError(f"quant_config must be a QuantConfig or None, got {type(self.quant_config).__name__}")
         if not isinstance(self.enable_iter_perf_stats, bool):

@@ -130,6 +130,46 @@ class KVCacheManager:
         self._tables[child.request_id] = table
         self._hashes[child.request_id] = list(self._hashes.get(parent_id, ()))[:num_full]
 
+    def reassign(self, assignments: list[tuple[int, int]], num_tokens: int) -> None:
+        """Beam search: for each ``(request, parent)``, ``request`` continues ``parent``'s
+        sequence, whose first ``num_tokens`` tokens have KV. Full blocks are shared by
+        reference; the partly filled last block goes to the first request continuing
+        that parent and is copied for the others. Tables of parents that no request
+        continues are released."""
+        size = self.tokens_per_block
+        num_full, partial = divmod(num_tokens, size)
+        ids = {r for r, _ in assignments} | {p for _, p in assignments}
+        old = {i: self._tables.pop(i, []) for i in ids}
+        old_hashes = {i: self._hashes.pop(i, []) for i in ids}
+        new: dict[int, list[int]] = {}
+        fresh: set[int] = set()
+        partial_taken: set[int] = set()
+        for request_id, parent in assignments:
+            source = old[parent]
+            table = list(source[:num_full])
+            if partial:
+                if parent not in partial_taken:
+                    partial_taken.add(parent)
+                    table.append(source[num_full])
+                else:
+                    if self.copier is None:
+                        raise RuntimeError("beam search needs a block copier")
+                    [copy] = self.pool.allocate(1)
+                    self.copier.copy_block(source[num_full], copy)
+                    fresh.add(copy)
+                    table.append(copy)
+                    self.counters.alloc_total_blocks += 1
+                    self.counters.alloc_new_blocks += 1
+            new[request_id] = table
+            self._hashes[request_id] = list(old_hashes[parent][:num_full])
+        for table in new.values():
+            for block in table:
+                if block not in fresh:
+                    self.pool.take(block)
+        for table in old.values():
+            self.pool.free(reversed(table))
+        self._tables.update(new)
+
     # ---- prefix reuse ------------------------------------------------------------------
     def match_prefix(self, request: LlmRequest) -> int:
         """Give a request with nothing computed yet the cached blocks of its longest
