@@ -6,7 +6,7 @@ Every parameter either reaches the engine or is answered with a 400 naming it:
   accepted only with its null / default value.
 - :data:`_ENGINE_PENDING`: what :func:`to_sampling_params` maps and the response builders
   handle (one choice per output, ``prompt_logprobs``, truncated prompts), refused while
-  the engine does not apply it yet, i.e. while ``SamplingParams`` would raise
+  the engine does not apply it yet, i.e. while ``SamplingParams`` raises
   ``NotImplementedError`` for it (:func:`engine_refuses`).
 """
 
@@ -15,7 +15,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import rtllm.sampling_params as engine_sampling
 from rtllm.sampling_params import SamplingParams
 from rtllm.serve.errors import OpenAIError, invalid, unsupported
 from rtllm.serve.protocol import ChatCompletionRequest, CompletionRequest
@@ -53,30 +52,36 @@ _DESCRIPTIONS = {
     "tools": "tool calling ('tools')",
 }
 
-# Parameter -> (is it on in this request?, what it does). Each is mapped by to_sampling_params
-# under the same SamplingParams field name and handled by the response builders; it is refused
-# only while the engine still lists that field as not applied (engine_refuses). To refuse one
-# for another reason, or to lift a refusal early, edit its line here.
-_ENGINE_PENDING: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "n": (lambda r: (r.n or 1) > 1, "several choices per prompt"),
-    "best_of": (lambda r: r.best_of not in (None, r.n or 1), "more candidates than choices"),
-    "use_beam_search": (lambda r: bool(r.use_beam_search), "beam search"),
-    "length_penalty": (lambda r: r.length_penalty not in (None, 1), "beam search's length penalty"),
-    "early_stopping": (lambda r: r.early_stopping is False, "beam search's other stopping rule"),
+# Parameter -> (is it on in this request?, what it does, a value that turns it on). Each is
+# mapped by to_sampling_params to the SamplingParams field of the same name and handled by the
+# response builders; it is refused only while SamplingParams raises NotImplementedError for it
+# (engine_refuses). To refuse one for another reason, edit its line here.
+_ENGINE_PENDING: dict[str, tuple[Callable[[Any], bool], str, Any]] = {
+    "n": (lambda r: (r.n or 1) > 1, "several choices per prompt", 2),
+    "best_of": (lambda r: r.best_of not in (None, r.n or 1), "more candidates than choices", 2),
+    "use_beam_search": (lambda r: bool(r.use_beam_search), "beam search", True),
+    "length_penalty": (lambda r: r.length_penalty not in (None, 1), "beam search's length penalty", 0.5),
+    "early_stopping": (lambda r: r.early_stopping is False, "beam search's other stopping rule", False),
     "prompt_logprobs": (lambda r: getattr(r, "prompt_logprobs", None) is not None,
-                        "the prompt's log probabilities"),
-    "truncate_prompt_tokens": (lambda r: r.truncate_prompt_tokens is not None, "prompt truncation"),
+                        "the prompt's log probabilities", 0),
+    "truncate_prompt_tokens": (lambda r: r.truncate_prompt_tokens is not None, "prompt truncation", 1),
 }
 
 
 def engine_refuses(name: str) -> bool:
-    """Whether ``SamplingParams`` still raises ``NotImplementedError`` for field ``name``.
+    """Whether ``SamplingParams`` raises ``NotImplementedError`` for pending parameter ``name``.
 
-    Read from the engine's own list (:data:`rtllm.sampling_params._NOT_YET_WIRED`) on
-    every request, so a parameter the engine starts applying is accepted without a
-    server change, and one it does not is refused here with a message naming it.
+    Asked of ``SamplingParams`` itself (with the parameter turned on) on every request, so
+    a parameter the engine starts applying is accepted without a server change, and one it
+    does not is refused up front with a message naming it.
     """
-    return name in engine_sampling._NOT_YET_WIRED
+    try:
+        SamplingParams(**{name: _ENGINE_PENDING[name][2]})
+    except NotImplementedError:
+        return True
+    except ValueError:  # on its own the probe may be invalid; the request's values decide
+        return False
+    return False
 
 
 _MESSAGE_UNSUPPORTED = ("tool_calls", "tool_call_id", "function_call", "refusal", "audio")
@@ -104,7 +109,7 @@ def check_unsupported(request: Request) -> None:
         if name in type(request).model_fields and not _is_off(getattr(request, name), allowed):
             raise unsupported(name, _DESCRIPTIONS.get(name))
     _check_counts(request)
-    for name, (is_on, what) in _ENGINE_PENDING.items():
+    for name, (is_on, what, _) in _ENGINE_PENDING.items():
         if is_on(request) and engine_refuses(name):
             raise unsupported(name, f"{what} ({name}={getattr(request, name)!r})")
     if (isinstance(request, CompletionRequest) and request.echo and request.logprobs is not None

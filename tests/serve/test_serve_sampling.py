@@ -2,20 +2,22 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import torch
-from serve_helpers import SERVED_NAME, call
+from serve_helpers import SERVED_NAME, call, sse_events
 
 import rtllm.sampling_params
 from rtllm import LLM, SamplingParams
+from rtllm.executor.result import GenerationResult, Logprob, Response
 from rtllm.serve import build_app
 from rtllm.serve import sampling as serve_sampling
 from rtllm.serve.errors import OpenAIError
 from rtllm.serve.protocol import ChatCompletionRequest, CompletionRequest
-from rtllm.serve.sampling import check_unsupported, to_sampling_params
+from rtllm.serve.sampling import check_unsupported, engine_refuses, to_sampling_params
 
 VOCAB = 420  # the tiny model's logits width
 _HELLO = {"prompt": "Hello"}
@@ -106,8 +108,8 @@ def test_structured_output_options(body: dict[str, Any], kind: str | None, spec:
 @pytest.fixture
 def engine_pending_lifted(monkeypatch: pytest.MonkeyPatch) -> None:
     """Pretend the engine applies every pending parameter (both refusals removed)."""
-    monkeypatch.setattr(serve_sampling, "_ENGINE_PENDING", {})
-    monkeypatch.setattr(rtllm.sampling_params, "_NOT_YET_WIRED", frozenset())
+    monkeypatch.setattr(serve_sampling, "engine_refuses", lambda _: False)
+    monkeypatch.setattr(rtllm.sampling_params, "_NOT_YET_WIRED", frozenset(), raising=False)
 
 
 @pytest.mark.usefixtures("engine_pending_lifted")
@@ -122,24 +124,35 @@ def test_engine_pending_parameters_are_mapped() -> None:
     assert (chat.n, chat.best_of, chat.use_beam_search, chat.truncate_prompt_tokens) == (2, 3, True, 5)
 
 
-@pytest.mark.parametrize(("name", "value"), [("n", 3), ("best_of", 2), ("use_beam_search", True),
-                                           ("length_penalty", 0.5), ("early_stopping", False),
-                                           ("prompt_logprobs", 0), ("truncate_prompt_tokens", 3)])
-def test_engine_pending_refusal_follows_the_engine(monkeypatch: pytest.MonkeyPatch, name: str, value: Any) -> None:
-    monkeypatch.setattr(rtllm.sampling_params, "_NOT_YET_WIRED", frozenset({name}))
+PENDING = [("n", 3), ("best_of", 2), ("use_beam_search", True), ("length_penalty", 0.5),
+           ("early_stopping", False), ("prompt_logprobs", 0), ("truncate_prompt_tokens", 3)]
+
+
+@pytest.mark.parametrize(("name", "value"), PENDING)
+def test_engine_pending_refusal(monkeypatch: pytest.MonkeyPatch, name: str, value: Any) -> None:
+    monkeypatch.setattr(serve_sampling, "engine_refuses", lambda _: True)
     with pytest.raises(OpenAIError) as info:
         completion_params(**{name: value})
     assert (info.value.param, info.value.code) == (name, "unsupported_parameter")
-    monkeypatch.setattr(rtllm.sampling_params, "_NOT_YET_WIRED", frozenset())
-    assert getattr(completion_params(**{name: value}), name) == value
+    assert name in info.value.message
 
 
+@pytest.mark.parametrize(("name", "value"), PENDING)
+def test_engine_refuses_asks_sampling_params(name: str, value: Any) -> None:
+    try:
+        SamplingParams(**{name: value})
+        refused = False
+    except NotImplementedError:
+        refused = True
+    assert serve_sampling.engine_refuses(name) == refused
+
+
+@pytest.mark.usefixtures("engine_pending_lifted")
 def test_echo_with_logprobs_asks_for_prompt_logprobs(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(rtllm.sampling_params, "_NOT_YET_WIRED", frozenset())
     assert completion_params(echo=True, logprobs=2).prompt_logprobs == 2
     assert completion_params(echo=True, logprobs=2, prompt_logprobs=4).prompt_logprobs == 4
     assert completion_params(echo=True).prompt_logprobs is None
-    monkeypatch.setattr(rtllm.sampling_params, "_NOT_YET_WIRED", frozenset({"prompt_logprobs"}))
+    monkeypatch.setattr(serve_sampling, "engine_refuses", lambda name: name == "prompt_logprobs")
     with pytest.raises(OpenAIError) as info:
         completion_params(echo=True, logprobs=2)
     assert info.value.param == "echo"
@@ -257,3 +270,109 @@ def test_bad_chat_values(app: Any, submitted: list[Any], body: dict[str, Any], p
     error = response.json()["error"]
     assert error["param"] == param and word in error["message"], error
     assert not submitted
+
+
+# ---- several outputs per prompt (n > 1) -------------------------------------------------
+
+
+def _lp(token_id: int, value: float) -> dict[int, Logprob]:
+    return {token_id: Logprob(value, 1)}
+
+
+def _script(prompt_ids: list[int]) -> list[Response]:
+    """Two outputs whose updates interleave; the second ends on a token without text."""
+    return [
+        Response([5], "a", index=0, logprobs=[_lp(5, -0.5)], request_finished=False,
+                 prompt_logprobs=[None] + [_lp(t, -1.0) for t in prompt_ids[1:]]),
+        Response([6, 7], "bc", index=1, logprobs=[_lp(6, -0.25), _lp(7, -0.75)], request_finished=False),
+        Response([8], "d", index=0, finished=True, finish_reason="length", logprobs=[_lp(8, -1.5)],
+                 request_finished=False),
+        Response([9], "", index=1, finished=True, finish_reason="stop", stop_reason="!",
+                 logprobs=[_lp(9, -2.0)], request_finished=True),
+    ]
+
+
+@pytest.fixture
+def two_outputs(llm: LLM, monkeypatch: pytest.MonkeyPatch, engine_pending_lifted: None) -> None:
+    """The engine accepts n > 1 and answers every request with :func:`_script`."""
+    ids = itertools.count(10_000)
+
+    def fake(inputs: dict[str, Any], params: SamplingParams, streaming: bool = False) -> GenerationResult:
+        assert params.n == 2
+        prompt_ids = inputs["prompt_token_ids"]
+        result = GenerationResult(next(ids), None, prompt_ids, lambda _: None)
+        for response in _script(prompt_ids):
+            result._push(response)
+        return result
+
+    monkeypatch.setattr(llm, "generate_async", fake)
+
+
+def _by_index(choices: list[dict[str, Any]], key: str) -> dict[int, Any]:
+    merged: dict[int, Any] = {}
+    for choice in choices:
+        value = choice[key]
+        if value not in (None, ""):
+            merged[choice["index"]] = merged.get(choice["index"], type(value)()) + value
+    return merged
+
+
+@pytest.mark.usefixtures("two_outputs")
+def test_n_completions_one_choice_per_output(app: Any, llm: LLM) -> None:
+    body = {"prompt": ["Hello", "Hi there"], "n": 2, "max_tokens": 4, "logprobs": 0, "prompt_logprobs": 0}
+    response = call(app, "POST", "/v1/completions", json=body)
+    assert response.status_code == 200, response.text
+    choices = response.json()["choices"]
+    assert [(c["index"], c["text"], c["finish_reason"], c["stop_reason"]) for c in choices] == [
+        (0, "ad", "length", None), (1, "bc", "stop", "!"), (2, "ad", "length", None), (3, "bc", "stop", "!")]
+    assert choices[1]["logprobs"]["token_logprobs"] == [-0.25, -0.75, -2.0]
+    assert choices[1]["logprobs"]["tokens"] == [llm.tokenizer.decode([t], skip_special_tokens=False)
+                                                for t in (6, 7, 9)]
+    assert choices[2]["prompt_logprobs"][0] is None and len(choices[2]["prompt_logprobs"]) == 5
+    assert response.json()["usage"]["completion_tokens"] == 10
+    events = sse_events(call(app, "POST", "/v1/completions", json={**body, "stream": True}).text)[:-1]
+    streamed = [c for e in events for c in e["choices"]]
+    assert _by_index(streamed, "text") == {c["index"]: c["text"] for c in choices}
+    assert {c["index"]: c["finish_reason"] for c in streamed if c["finish_reason"]} == {
+        0: "length", 1: "stop", 2: "length", 3: "stop"}
+    tokens = {}
+    for c in streamed:
+        if c["logprobs"]:
+            tokens.setdefault(c["index"], []).extend(c["logprobs"]["token_logprobs"])
+    assert tokens == {c["index"]: c["logprobs"]["token_logprobs"] for c in choices}
+    assert sum(1 for c in streamed if c.get("prompt_logprobs")) == 4  # once per choice
+
+
+@pytest.mark.usefixtures("two_outputs")
+def test_n_chat_one_choice_per_output(app: Any) -> None:
+    body = {**_CHAT, "n": 2, "max_tokens": 4, "logprobs": True}
+    response = call(app, "POST", "/v1/chat/completions", json=body)
+    assert response.status_code == 200, response.text
+    choices = response.json()["choices"]
+    assert [(c["index"], c["message"]["content"], c["finish_reason"]) for c in choices] == [
+        (0, "ad", "length"), (1, "bc", "stop")]
+    assert [t["logprob"] for t in choices[1]["logprobs"]["content"]] == [-0.25, -0.75, -2.0]
+    events = sse_events(call(app, "POST", "/v1/chat/completions", json={**body, "stream": True}).text)[:-1]
+    streamed = [c for e in events for c in e["choices"]]
+    assert [c["delta"] for c in streamed[:2]] == [{"role": "assistant", "content": ""}] * 2
+    texts: dict[int, str] = {}
+    logprobs: dict[int, list[float]] = {}
+    for c in streamed:
+        texts[c["index"]] = texts.get(c["index"], "") + c["delta"].get("content", "")
+        if c["logprobs"]:
+            logprobs.setdefault(c["index"], []).extend(t["logprob"] for t in c["logprobs"]["content"])
+    assert texts == {0: "ad", 1: "bc"}
+    assert logprobs == {0: [-0.5, -1.5], 1: [-0.25, -0.75, -2.0]}
+
+
+@pytest.mark.skipif(engine_refuses("n"), reason="the engine does not do n > 1 yet")
+def test_n_with_the_engine(app: Any) -> None:
+    sampling = {"n": 2, "max_tokens": 6, "temperature": 1.0, "seed": 5, "ignore_eos": True}
+    body = {"prompt": ["Hello", "Hi there"], **sampling}
+    choices = call(app, "POST", "/v1/completions", json=body).json()["choices"]
+    assert [c["index"] for c in choices] == [0, 1, 2, 3]
+    events = sse_events(call(app, "POST", "/v1/completions", json={**body, "stream": True}).text)[:-1]
+    assert _by_index([c for e in events for c in e["choices"]], "text") == {c["index"]: c["text"] for c in choices}
+    chat = call(app, "POST", "/v1/chat/completions", json={**_CHAT, **sampling}).json()
+    assert [c["index"] for c in chat["choices"]] == [0, 1]
+    assert chat["usage"]["completion_tokens"] == 12
