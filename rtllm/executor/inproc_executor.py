@@ -83,7 +83,10 @@ class InProcessExecutor(GenerationExecutor):
             if backend is None:
                 from rtllm.structured import GrammarBackend
 
-                backend = GrammarBackend(tokenizer, self.engine.limits.vocab_size, stop_token_ids=self.default_end_ids)
+                # Compact JSON (no free whitespace): small models otherwise loop on whitespace.
+                backend = GrammarBackend(
+                    tokenizer, self.engine.limits.vocab_size, stop_token_ids=self.default_end_ids, any_whitespace=False
+                )
                 self.engine.sampler.grammar_backend = backend
         stops = sorted(sampling.end_ids | sampling.stop_token_ids)
         return backend.new_matcher(sampling.guided, stop_token_ids=stops)
