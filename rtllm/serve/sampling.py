@@ -112,6 +112,10 @@ def check_unsupported(request: Request) -> None:
     for name, (is_on, what, _) in _ENGINE_PENDING.items():
         if is_on(request) and engine_refuses(name):
             raise unsupported(name, f"{what} ({name}={getattr(request, name)!r})")
+    wants_logprobs = request.logprobs not in (None, False)
+    if request.use_beam_search and wants_logprobs:
+        # The engine returns a beam's cumulative logprob only, not one per token.
+        raise unsupported("logprobs", "logprobs with use_beam_search (per-token logprobs of beams)")
     if (isinstance(request, CompletionRequest) and request.echo and request.logprobs is not None
             and engine_refuses("prompt_logprobs")):
         # The logprobs then cover the prompt's tokens too: the engine's prompt logprobs.
@@ -230,6 +234,8 @@ def param_of_engine_error(request: Request, message: str) -> str | None:
     field = first.split(".", 1)[0]
     if field in ("GuidedDecodingParams", "guided_decoding"):
         return guide_param(request)
+    if message.startswith("beam width"):  # the LLM's max_beam_width is too small
+        return "best_of" if request.best_of is not None else "n"
     renamed = {
         "embedding_bias": "logit_bias",
         "bad": "bad_words" if request.bad_words is not None else "bad",

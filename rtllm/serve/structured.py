@@ -112,6 +112,7 @@ def guided_decoding(request: Request) -> GuidedDecodingParams | None:
     """
     param = guide_param(request)
     if param is None:
+        _response_format_guide(request)  # {"type": "text"}: its shape is still checked
         return None
     try:
         if param == "response_format":

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 import torch
-from serve_helpers import SERVED_NAME, call, sse_events
+from serve_helpers import SERVED_NAME, call, make_llm, sse_events
 
 import rtllm.sampling_params
 from rtllm import LLM, SamplingParams
@@ -376,3 +376,25 @@ def test_n_with_the_engine(app: Any) -> None:
     chat = call(app, "POST", "/v1/chat/completions", json={**_CHAT, **sampling}).json()
     assert [c["index"] for c in chat["choices"]] == [0, 1]
     assert chat["usage"]["completion_tokens"] == 12
+
+
+@pytest.mark.skipif(engine_refuses("use_beam_search"), reason="the engine has no beam search yet")
+def test_beam_search_with_the_engine(model_dir: str, app: Any) -> None:
+    body = {"prompt": "Hello", "max_tokens": 5, "use_beam_search": True, "n": 2, "ignore_eos": True}
+    too_wide = call(app, "POST", "/v1/completions", json=body)  # the shared LLM has max_beam_width=1
+    assert too_wide.status_code == 400 and too_wide.json()["error"]["param"] == "n"
+    refused = call(app, "POST", "/v1/completions", json={**body, "logprobs": 1})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "logprobs"
+    llm = make_llm(model_dir, max_beam_width=3)
+    try:
+        wide = build_app(llm, SERVED_NAME)
+        expected = llm.generate("Hello", SamplingParams(max_tokens=5, use_beam_search=True, n=2, best_of=3,
+                                                        length_penalty=0.5, ignore_eos=True))
+        body = {**body, "best_of": 3, "length_penalty": 0.5}
+        choices = call(app=wide, method="POST", path="/v1/completions", json=body).json()["choices"]
+        assert [c["text"] for c in choices] == [out.text for out in expected.outputs]
+        events = sse_events(call(wide, "POST", "/v1/completions", json={**body, "stream": True}).text)[:-1]
+        assert _by_index([c for e in events for c in e["choices"]], "text") == {
+            i: out.text for i, out in enumerate(expected.outputs)}
+    finally:
+        llm.shutdown()
