@@ -25,7 +25,10 @@ def _is_pydantic_model_class(value: Any) -> bool:
     # Imported lazily: pydantic is a dependency, but plain-str users need not pay its import.
     if not isinstance(value, type):
         return False
-    from pydantic import BaseModel
+    try:
+        from pydantic import BaseModel
+    except ImportError:  # no pydantic installed: nothing can be a pydantic model
+        return False
 
     return issubclass(value, BaseModel)
 

@@ -84,3 +84,21 @@ def test_guided_json_on_cuda():
                             use_tqdm=False)
         for out in outs[:8]:
             jsonschema.validate(json.loads(out.outputs[0].text), schema)
+
+
+def test_grammar_bitmask_on_cuda_matches_cpu():
+    from rtllm.structured import allocate_bitmask, apply_bitmask
+
+    torch.manual_seed(1)
+    vocab, batch = 1000, 6
+    bitmask = allocate_bitmask(batch, vocab)
+    bitmask.copy_(torch.randint(-(2**31), 2**31 - 1, bitmask.shape, dtype=torch.int64).to(torch.int32))
+    logits = torch.randn(batch, vocab)
+    for rows in (None, [1, 4]):
+        cpu, gpu = logits.clone(), logits.cuda()
+        apply_bitmask(cpu, bitmask, rows)
+        apply_bitmask(gpu, bitmask, rows)
+        torch.testing.assert_close(gpu.cpu(), cpu)
+        if rows is not None:
+            untouched = [r for r in range(batch) if r not in rows]
+            torch.testing.assert_close(gpu.cpu()[untouched], logits[untouched])
