@@ -232,6 +232,8 @@ def param_of_engine_error(request: Request, message: str) -> str | None:
     """
     first = message.split(" ", 1)[0].rstrip(":,")
     field = first.split(".", 1)[0]
+    if field in ("prompt", "messages"):  # the caller names the prompt (with its index)
+        return None
     if field in ("GuidedDecodingParams", "guided_decoding"):
         return guide_param(request)
     if message.startswith("beam width"):  # the LLM's max_beam_width is too small

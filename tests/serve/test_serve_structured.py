@@ -3,17 +3,21 @@ the tiny model (its byte-level BPE tokenizer goes through xgrammar like any othe
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
+import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
 import jsonschema
 import pytest
-from serve_helpers import SERVED_NAME, call, sse_events
+from serve_helpers import SERVED_NAME, call, run, sse_events
 
-from rtllm import LLM
+from rtllm import LLM, GuidedDecodingParams, SamplingParams
 from rtllm.serve import build_app
+from rtllm.serve.generation import Prompt
 
 _CHAT = {"messages": [{"role": "user", "content": "Describe a person as JSON"}]}
 _PROMPT = {"prompt": "Answer:"}
@@ -179,3 +183,32 @@ def test_bad_structured_output(app: Any, submissions: list[Any], body: dict[str,
         assert error["param"] == param and word in error["message"], error
         assert error["type"] == "invalid_request_error"
     assert not submissions
+
+
+def test_guided_submission_cancelled_while_compiling_is_aborted(app: Any, llm: LLM,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    ctx = app.state.ctx
+    original = ctx._submit_results
+    started, submitted = threading.Event(), []
+
+    def slow(*args: Any) -> Any:  # grammar compilation that takes a while
+        started.set()
+        time.sleep(0.3)
+        submitted.extend(original(*args))
+        return submitted
+
+    monkeypatch.setattr(ctx, "_submit_results", slow)
+    params = SamplingParams(max_tokens=400, ignore_eos=True, guided_decoding=GuidedDecodingParams(regex="[a-z]+"))
+
+    async def go() -> None:
+        task = asyncio.ensure_future(ctx.submit_async([(Prompt([0, 40, 73]), params)]))
+        await asyncio.to_thread(started.wait)
+        assert not task.done()  # the event loop is free while the grammar compiles
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await asyncio.to_thread(time.sleep, 0.5)  # the submission completes in the background
+
+    run(go())
+    [result] = submitted
+    assert result.result(timeout=20).outputs[0].finish_reason == "cancelled"
