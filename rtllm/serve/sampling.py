@@ -112,7 +112,7 @@ def check_unsupported(request: Request) -> None:
     for name, (is_on, what, _) in _ENGINE_PENDING.items():
         if is_on(request) and engine_refuses(name):
             raise unsupported(name, f"{what} ({name}={getattr(request, name)!r})")
-    wants_logprobs = request.logprobs not in (None, False)
+    wants_logprobs = request.logprobs is not None and request.logprobs is not False
     if request.use_beam_search and wants_logprobs:
         # The engine returns a beam's cumulative logprob only, not one per token.
         raise unsupported("logprobs", "logprobs with use_beam_search (per-token logprobs of beams)")

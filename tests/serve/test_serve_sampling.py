@@ -383,7 +383,7 @@ def test_beam_search_with_the_engine(model_dir: str, app: Any) -> None:
     body = {"prompt": "Hello", "max_tokens": 5, "use_beam_search": True, "n": 2, "ignore_eos": True}
     too_wide = call(app, "POST", "/v1/completions", json=body)  # the shared LLM has max_beam_width=1
     assert too_wide.status_code == 400 and too_wide.json()["error"]["param"] == "n"
-    refused = call(app, "POST", "/v1/completions", json={**body, "logprobs": 1})
+    refused = call(app, "POST", "/v1/completions", json={**body, "logprobs": 0})
     assert refused.status_code == 400 and refused.json()["error"]["param"] == "logprobs"
     llm = make_llm(model_dir, max_beam_width=3)
     try:
