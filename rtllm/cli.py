@@ -13,7 +13,8 @@ from rtllm.sampling_params import SamplingParams
 
 
 def add_cache_and_scheduler_args(group: Any) -> None:
-    """KV reuse, host tier and capacity policy options (shared by generate, bench and serve).
+    """KV reuse, host tier, capacity policy and beam width options (shared by generate,
+    bench and serve).
 
     Every default is None, meaning "the LLM API's default".
     """
@@ -21,6 +22,8 @@ def add_cache_and_scheduler_args(group: Any) -> None:
                        help="reuse the KV of shared prompt prefixes (default: on)")
     group.add_argument("--host-cache-size", type=int, default=None, metavar="BYTES",
                        help="host memory for KV blocks evicted from the device pool (default: none)")
+    group.add_argument("--max-beam-width", type=int, default=None,
+                       help="largest beam width a request may use (default: 1)")
     group.add_argument("--capacity-scheduler-policy", default=None,
                        choices=["GUARANTEED_NO_EVICT", "MAX_UTILIZATION", "STATIC_BATCH"],
                        help="admission policy (default: GUARANTEED_NO_EVICT)")
@@ -98,6 +101,7 @@ def build_llm(args: argparse.Namespace, **overrides: Any) -> Any:
             **kv,
         ),
         scheduler_config=SchedulerConfig(**sched),
+        max_beam_width=args.max_beam_width or 1,
         cuda_graph_config=graphs,
         disable_overlap_scheduler=True if args.disable_overlap_scheduler else None,
         **overrides,

@@ -157,14 +157,14 @@ class Engine:
         or finished (with overlap, the tokens of the previous launch)."""
         updates: list[RequestUpdate] = []
         previous, self._in_flight = self._in_flight, None
-        output = self.scheduler.schedule()
-        self.last_output = output
-        if previous is not None and _needs_committed_history(output.scheduled, previous):
-            # Some request's logits processing (penalties, grammar, ...) needs the token
-            # still on the device: commit the previous step first (no overlap this step).
+        if previous is not None and _needs_committed_history(previous):
+            # A request's logits processing (penalties, grammar, beam selection, ...)
+            # needs the token still on the device: commit the previous step before
+            # scheduling this one (no overlap this step).
             self._commit(previous, updates)
             previous = None
-            output.scheduled = [s for s in output.scheduled if not s.request.is_finished]
+        output = self.scheduler.schedule()
+        self.last_output = output
         launched: LaunchedStep | None = None
         if output:
             self.num_steps += 1
@@ -360,12 +360,10 @@ class Engine:
             self.finish_request(request_id, FinishReason.CANCELLED)
 
 
-def _needs_committed_history(scheduled: list[ScheduledRequest], previous: LaunchedStep) -> bool:
-    """True when a request sampling this step needs a token that ``previous`` still holds."""
-    return any(
-        item.samples and item.request.sampling.needs_history and item.request.request_id in previous.row_of
-        for item in scheduled
-    )
+def _needs_committed_history(previous: LaunchedStep) -> bool:
+    """True when a request of ``previous`` needs its sampled token on the host before it
+    can be scheduled again."""
+    return any(r.sampling.needs_history and not r.is_finished for r in previous.requests)
 
 
 def attach_prompt_outputs(request: LlmRequest, update: RequestUpdate) -> None:

@@ -38,6 +38,7 @@ class _Group:
     # best_of > n: each finished sequence's whole output, by sequence index.
     buffered: dict[int, Response] = field(default_factory=dict)
     started: set[int] = field(default_factory=set)  # sequences that produced a response
+    prompt_outputs: tuple[Any, Any] = (None, None)  # best_of: (prompt_logprobs, context_logits)
 
     @property
     def buffers(self) -> bool:
@@ -139,6 +140,8 @@ class OutputProcessor:
             self._groups.pop(client_id, None)
         if failed or not group.buffers:
             return [response]
+        if response.prompt_logprobs is not None or response.context_logits is not None:
+            group.prompt_outputs = (response.prompt_logprobs, response.context_logits)
         _accumulate(group.buffered, response)
         if not done:
             return []
@@ -146,6 +149,7 @@ class OutputProcessor:
         for index, chosen in enumerate(best):
             chosen.index = index
             chosen.request_finished = index == len(best) - 1
+            chosen.prompt_logprobs, chosen.context_logits = group.prompt_outputs if index == 0 else (None, None)
         return best
 
     def remove(self, client_id: int) -> None:

@@ -19,7 +19,7 @@ logger = logging.getLogger(__name__)
 
 # CLI option dest -> LlmArgs field (None values are "not given").
 _LLM_FIELDS = ("tokenizer", "dtype", "device", "max_batch_size", "max_num_tokens", "max_seq_len",
-               "enable_chunked_prefill", "load_format", "seed")
+               "enable_chunked_prefill", "load_format", "seed", "max_beam_width")
 # CLI option dest -> KvCacheConfig field.
 _KV_FIELDS = {"tokens_per_block": "tokens_per_block", "kv_cache_max_tokens": "max_tokens",
               "kv_cache_free_gpu_memory_fraction": "free_gpu_memory_fraction"}

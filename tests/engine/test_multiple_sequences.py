@@ -122,3 +122,10 @@ def test_n_greedy_sequences_are_identical(llm) -> None:
     out = llm.generate(PROMPT, SamplingParams(max_tokens=5, n=2, temperature=0))
     alone = llm.generate(PROMPT, SamplingParams(max_tokens=5, temperature=0))
     assert [o.token_ids for o in out.outputs] == [alone.outputs[0].token_ids] * 2
+
+
+def test_best_of_keeps_prompt_logprobs_whichever_sequence_wins(llm) -> None:
+    params = SamplingParams(max_tokens=4, n=2, best_of=3, temperature=1.0, seed=1, prompt_logprobs=1)
+    for prompt in (PROMPT, [3, 4, 5, 6]):
+        out = llm.generate(prompt, params)
+        assert out.prompt_logprobs is not None and len(out.prompt_logprobs) == len(prompt)

@@ -119,3 +119,8 @@ def test_reuse_host_tier_and_policy_options(tmp_path: Any) -> None:
     assert kwargs["kv_cache_config"].enable_block_reuse is False
     with pytest.raises(ValueError, match="host_cache_size"):
         llm_kwargs(parse("--no-enable-block-reuse", "--host-cache-size", "4096"))
+
+
+def test_max_beam_width_option() -> None:
+    assert llm_kwargs(parse("--max-beam-width", "4"))["max_beam_width"] == 4
+    assert "max_beam_width" not in llm_kwargs(parse())

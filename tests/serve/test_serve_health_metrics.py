@@ -19,7 +19,7 @@ def test_metrics_count_requests_tokens_and_latencies(llm: LLM) -> None:
     streamed = call(app, "POST", "/v1/completions",
                     json={"prompt": "Once upon a time", "max_tokens": 4, "ignore_eos": True, "stream": True,
                           "stream_options": {"include_usage": True}})
-    assert call(app, "POST", "/v1/completions", json={"prompt": "x", "n": 3}).status_code == 400
+    assert call(app, "POST", "/v1/completions", json={"prompt": "x", "suffix": "!"}).status_code == 400
     prompt_tokens = plain.json()["usage"]["prompt_tokens"] + sse_events(streamed.text)[-2]["usage"]["prompt_tokens"]
 
     response = call(app, "GET", "/metrics")
