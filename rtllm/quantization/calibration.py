@@ -37,7 +37,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_CALIB_PATH = os.path.join(os.path.dirname(__file__), "data", "calib.txt")
 #: Input rows kept per linear layer for AWQ's output-error search.
-MAX_SAMPLE_ROWS = 256
+MAX_SAMPLE_ROWS = 128
 
 
 class DenseCausalBackend(AttentionBackend):

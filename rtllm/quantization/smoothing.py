@@ -45,11 +45,6 @@ from rtllm.quantization.calibration import (
     collect_activation_stats,
 )
 from rtllm.quantization.config import QuantAlgo, QuantConfig
-from rtllm.quantization.rtn import (
-    dequantize,
-    quantize_groupwise_asymmetric,
-    quantize_groupwise_symmetric,
-)
 
 logger = logging.getLogger(__name__)
 
@@ -65,13 +60,25 @@ class LayerCalibration:
 
 
 def fake_quantize(weight: torch.Tensor, config: QuantConfig) -> torch.Tensor:
-    """``dequantize(quantize(weight))`` for the groupwise int4 AWQ layout."""
-    group = config.weight_group_size
+    """``dequantize(quantize(weight))`` for the groupwise int4 AWQ layout.
+
+    The same arithmetic as :func:`quantize_groupwise_asymmetric` /
+    :func:`quantize_groupwise_symmetric` then :func:`dequantize` (a test checks it), in
+    fewer passes and without their input checks: the search calls it many times.
+    """
+    out_features, in_features = weight.shape
+    group = in_features if config.weight_group_size == -1 else config.weight_group_size
+    w = weight.float().reshape(out_features, in_features // group, group)
     if config.has_zero_point:
-        q, scale, zero = quantize_groupwise_asymmetric(weight, group, 4)
-        return dequantize(q, scale, zero)
-    q, scale = quantize_groupwise_symmetric(weight, group, 4)
-    return dequantize(q, scale)
+        lo = w.amin(dim=2, keepdim=True).clamp(max=0.0)
+        span = w.amax(dim=2, keepdim=True).clamp(min=0.0) - lo
+        scale = torch.where(span > 0, span / 15, torch.ones_like(span))
+        zero = torch.round(-lo / scale).clamp_(0, 15)
+        q = (torch.round(w / scale) + zero).clamp_(0, 15)
+        return ((q - zero) * scale).reshape(weight.shape)
+    amax = w.abs().amax(dim=2, keepdim=True)
+    scale = torch.where(amax > 0, amax / 7, torch.ones_like(amax))
+    return (torch.round(w / scale).clamp_(-8, 7) * scale).reshape(weight.shape)
 
 
 def awq_search_scale(

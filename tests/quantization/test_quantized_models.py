@@ -250,3 +250,22 @@ def test_smoothing_folds_exactly_in_float(tiny_llama, float_logits, algo):
     assert held == ([] if algo == "W4A16_AWQ" else ["down_proj", "down_proj", "o_proj", "o_proj"])
     torch.testing.assert_close(dense_forward(model, IDS), float_logits, atol=2e-4, rtol=1e-4)
     assert not torch.equal(model.model.layers[0].self_attn.qkv_proj.weight, _build(tiny_llama[0], None).model.layers[0].self_attn.qkv_proj.weight)
+
+
+@pytest.mark.parametrize("zero_point", [True, False])
+def test_awq_fake_quantize_matches_the_quantizers(zero_point):
+    from rtllm.quantization.rtn import (
+        dequantize,
+        quantize_groupwise_asymmetric,
+        quantize_groupwise_symmetric,
+    )
+    from rtllm.quantization.smoothing import fake_quantize
+
+    w = torch.randn(16, 128, generator=torch.Generator().manual_seed(0))
+    w[0, :64] = 0.0  # an all-zero group
+    config = QuantConfig(quant_algo="W4A16_AWQ", group_size=64, has_zero_point=zero_point)
+    if zero_point:
+        expected = dequantize(*quantize_groupwise_asymmetric(w, 64, 4))
+    else:
+        expected = dequantize(*quantize_groupwise_symmetric(w, 64, 4))
+    assert torch.equal(fake_quantize(w, config), expected)
