@@ -236,7 +236,8 @@ def long_prompt_benchmark(
         # Once through the scenario itself (other tokens: no prefix-cache hit later), so
         # the measured run pays no one-time cost (kernel compilation for long contexts).
         logger.info("warming up with one long-prompt scenario")
-        warm_streams = [r for r in warmup_set if r.output_tokens > after_tokens] or list(streams)
+        # The same shapes as the measured run (batch and chunk sizes), other tokens.
+        warm_streams = [_other_tokens(r) for r in streams]
         asyncio.run(run_long_prompt_async(llm, warm_streams, _other_tokens(long_request), after_tokens))
     kv_before = start_measuring(llm)
     with tqdm(
