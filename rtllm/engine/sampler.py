@@ -97,6 +97,15 @@ def call_logits_processor(fn: Callable[..., Any], request: LlmRequest, row: torc
     return result
 
 
+def top_k_probs(scaled: torch.Tensor, ks: list[int]) -> torch.Tensor:
+    """Softmax over each row's ``k`` largest logits (a value tied with the k-th is kept too)."""
+    device = scaled.device
+    k = to_device(ks, torch.long, device).unsqueeze(1)
+    values = scaled.topk(max(ks), dim=-1).values
+    kth = values.gather(1, k - 1)
+    return scaled.masked_fill(scaled < kth, float("-inf")).softmax(dim=-1)
+
+
 class Sampler:
     """Samples one token per row of a logits matrix."""
 
@@ -168,18 +177,33 @@ class Sampler:
             apply_bitmask(logits, bitmask, guided)
 
     def _sample_rows(self, scaled: torch.Tensor, requests: list[LlmRequest]) -> torch.Tensor:
-        """Draw from temperature-scaled logits after top-k, top-p and min-p."""
+        """Draw from temperature-scaled logits after top-k, top-p and min-p.
+
+        Each filter only touches the rows that use it: top-p rows are sorted (the
+        nucleus needs the order), top-k-only rows take a ``topk`` threshold, the rest
+        is a plain softmax.
+        """
         device = scaled.device
-        top_k = [r.sampling.top_k for r in requests]
-        top_p = [r.sampling.top_p for r in requests]
         vocab = scaled.shape[-1]
-        probs = filtered_probs(
-            scaled,
-            torch.ones(len(requests), device=device),
-            to_device(top_k, torch.long, device),
-            to_device(top_p, torch.float32, device),
-            apply_filters=any(0 < k < vocab for k in top_k) or min(top_p) < 1.0,
-        )
+        probs = scaled.softmax(dim=-1)
+        nucleus = [i for i, r in enumerate(requests) if r.sampling.top_p < 1.0]
+        top_k_only = [
+            i for i, r in enumerate(requests) if r.sampling.top_p >= 1.0 and 0 < r.sampling.top_k < vocab
+        ]
+        if top_k_only:
+            index = to_device(top_k_only, torch.long, device)
+            ks = [requests[i].sampling.top_k for i in top_k_only]
+            probs.index_copy_(0, index, top_k_probs(scaled.index_select(0, index), ks))
+        if nucleus:
+            index = to_device(nucleus, torch.long, device)
+            rows = [requests[i] for i in nucleus]
+            filtered = filtered_probs(
+                scaled.index_select(0, index),
+                torch.ones(len(rows), device=device),
+                to_device([r.sampling.top_k for r in rows], torch.long, device),
+                to_device([r.sampling.top_p for r in rows], torch.float32, device),
+            )
+            probs.index_copy_(0, index, filtered)
         min_p = [r.sampling.min_p for r in requests]
         if any(min_p):
             probs = apply_min_p(probs, to_device(min_p, torch.float32, device))
@@ -193,13 +217,21 @@ class Sampler:
 
     @staticmethod
     def _logprobs(scaled: torch.Tensor, requests: list[LlmRequest], out: SampleOutput) -> None:
-        logprobs = torch.log_softmax(scaled, dim=-1)
-        token_logprob = logprobs.gather(1, out.tokens.unsqueeze(1))
-        out.logprobs = token_logprob.squeeze(1)
-        out.ranks = (logprobs > token_logprob).sum(dim=-1) + 1
-        num_top = max((r.sampling.num_logprobs or 0) for r in requests)
+        """Logprobs of the rows that need them (the other rows of the outputs stay zero)."""
+        rows = [i for i, r in enumerate(requests) if r.sampling.needs_logprobs]
+        device = scaled.device
+        index = to_device(rows, torch.long, device)
+        logprobs = torch.log_softmax(scaled.index_select(0, index), dim=-1)
+        token_logprob = logprobs.gather(1, out.tokens.index_select(0, index).unsqueeze(1))
+        batch = len(requests)
+        out.logprobs = torch.zeros(batch, device=device).index_copy_(0, index, token_logprob.squeeze(1))
+        ranks = (logprobs > token_logprob).sum(dim=-1) + 1
+        out.ranks = torch.zeros(batch, dtype=ranks.dtype, device=device).index_copy_(0, index, ranks)
+        num_top = max((requests[i].sampling.num_logprobs or 0) for i in rows)
         if num_top:
-            out.top_logprobs, out.top_ids = logprobs.topk(min(num_top, logprobs.shape[-1]), dim=-1)
+            values, ids = logprobs.topk(min(num_top, logprobs.shape[-1]), dim=-1)
+            out.top_logprobs = values.new_zeros(batch, values.shape[1]).index_copy_(0, index, values)
+            out.top_ids = ids.new_zeros(batch, ids.shape[1]).index_copy_(0, index, ids)
 
     def _generator_for(self, request: LlmRequest) -> torch.Generator:
         if request.sampling.seed is None:
