@@ -1,6 +1,6 @@
 """Cost of mixed sampling parameters in one batch versus an all-greedy batch.
 
-    python benchmarks/mixed_sampling.py CONFIG_DIR [batch] [tokens]
+    python benchmarks/mixed_sampling.py CONFIG_DIR [batch] [tokens] [--profile]
 
 Runs the same prompts three times on one LLM (dummy weights): all greedy; mixed
 sampling without token-history features (temperature, top-k, top-p, min-p, seeds,
@@ -65,7 +65,21 @@ def main() -> None:
         "penalties_vs_greedy": results["penalties"] / results["greedy"],
     }
     print(json.dumps(report, indent=2))
+    if "--profile" in sys.argv:
+        profile_kind(llm, prompts, params_for("mixed", batch, 32))
     llm.shutdown()
+
+
+def profile_kind(llm: LLM, prompts: list[list[int]], params: list[SamplingParams]) -> None:
+    """Top device kernels and host functions of a mixed batch."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        llm.generate(prompts, params, use_tqdm=False)
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=20, max_name_column_width=60))
+    print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=20, max_name_column_width=60))
 
 
 if __name__ == "__main__":
