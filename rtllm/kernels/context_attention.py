@@ -10,6 +10,13 @@ hit) is handled with no extra work; query row ``i`` sits at absolute position
 
 The kernel is flash-attention style: one program per (query block, head, sequence),
 an online softmax in float32 over key tiles gathered slot by slot from the cache.
+
+Quantized caches (int8 / float8_e4m3fn codes plus a float32 ``kv_scale`` per (K or V,
+token, KV head), see :mod:`rtllm.kernels.kv_quant`) are dequantized inside the kernel:
+a K tile's codes go into ``tl.dot`` as the query's dtype (int8 and E4M3 values are exact
+in float16/bfloat16) and its per-key scales multiply the scores' columns; a V tile is
+dequantized to the query's dtype before its ``tl.dot``. The ``QUANT`` constexpr keeps
+the unquantized kernel exactly as it was.
 """
 
 from __future__ import annotations
@@ -19,6 +26,8 @@ import math
 import torch
 import triton
 import triton.language as tl
+
+from rtllm.kernels.kv_quant import check_kv_scale, dequantize_kv, raw_view
 
 _LOG2E = 1.4426950408889634
 
@@ -51,11 +60,15 @@ def _attend_tile(
     table_row,
     k_cache_ptr,
     v_cache_ptr,
+    k_scale_ptr,
+    v_scale_ptr,
     kv_head,
     scale_log2e,
     stride_c_block,
     stride_c_tok,
     stride_c_head,
+    stride_s_block,
+    stride_s_tok,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -63,6 +76,7 @@ def _attend_tile(
     MASKED: tl.constexpr,
     USE_WINDOW: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    QUANT: tl.constexpr,
 ):
     """One online-softmax step over keys [start_n, start_n + BLOCK_N).
 
@@ -85,7 +99,19 @@ def _attend_tile(
     )
     ptrs = kv_off[:, None] + offs_d[None, :]
     k = _load_tile(k_cache_ptr + ptrs, n_mask, d_mask, MASKED, HEAD_DIM != BLOCK_D)
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2e
+    if QUANT:
+        # Per-key scales (0 for masked keys: their scores are masked below anyway).
+        s_off = (
+            block.to(tl.int64) * stride_s_block
+            + (offs_n % TOKENS_PER_BLOCK) * stride_s_tok
+            + kv_head
+        )
+        k_scale = tl.load(k_scale_ptr + s_off, mask=n_mask, other=0.0)
+        v_scale = tl.load(v_scale_ptr + s_off, mask=n_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION)
+        s = s * (k_scale * scale_log2e)[None, :]
+    else:
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2e
     if MASKED:
         allowed = (offs_n[None, :] <= q_pos[:, None]) & n_mask[None, :]
         if USE_WINDOW:
@@ -101,6 +127,8 @@ def _attend_tile(
     alpha = tl.math.exp2(m_i - m_sub)
     l_i = l_i * alpha + tl.sum(p, 1)
     v = _load_tile(v_cache_ptr + ptrs, n_mask, d_mask, MASKED, HEAD_DIM != BLOCK_D)
+    if QUANT:
+        v = (v.to(tl.float32) * v_scale[:, None]).to(q.dtype)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
     return m_new, l_i, acc
 
@@ -110,6 +138,8 @@ def _context_attention_kernel(
     q_ptr,
     k_cache_ptr,
     v_cache_ptr,
+    k_scale_ptr,
+    v_scale_ptr,
     out_ptr,
     cu_seqlens_q_ptr,
     seq_lens_ptr,
@@ -123,6 +153,8 @@ def _context_attention_kernel(
     stride_c_block,
     stride_c_tok,
     stride_c_head,
+    stride_s_block,
+    stride_s_tok,
     stride_bt,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -132,6 +164,7 @@ def _context_attention_kernel(
     BLOCK_N: tl.constexpr,
     USE_WINDOW: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    QUANT: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     head = tl.program_id(1)
@@ -171,9 +204,9 @@ def _context_attention_kernel(
         for start_n in range(lo, hi, BLOCK_N):
             m_i, l_i, acc = _attend_tile(
                 q, m_i, l_i, acc, start_n, q_pos, seq_len, sliding_window, table_row,
-                k_cache_ptr, v_cache_ptr, kv_head, scale_log2e,
-                stride_c_block, stride_c_tok, stride_c_head,
-                HEAD_DIM, BLOCK_D, BLOCK_N, TOKENS_PER_BLOCK, True, True, DOT_PRECISION,
+                k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, kv_head, scale_log2e,
+                stride_c_block, stride_c_tok, stride_c_head, stride_s_block, stride_s_tok,
+                HEAD_DIM, BLOCK_D, BLOCK_N, TOKENS_PER_BLOCK, True, True, DOT_PRECISION, QUANT,
             )  # fmt: skip
     else:
         # Tiles ending at or before the first row's position + 1 are seen in full by
@@ -182,16 +215,16 @@ def _context_attention_kernel(
         for start_n in range(0, full_hi, BLOCK_N):
             m_i, l_i, acc = _attend_tile(
                 q, m_i, l_i, acc, start_n, q_pos, seq_len, sliding_window, table_row,
-                k_cache_ptr, v_cache_ptr, kv_head, scale_log2e,
-                stride_c_block, stride_c_tok, stride_c_head,
-                HEAD_DIM, BLOCK_D, BLOCK_N, TOKENS_PER_BLOCK, False, False, DOT_PRECISION,
+                k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, kv_head, scale_log2e,
+                stride_c_block, stride_c_tok, stride_c_head, stride_s_block, stride_s_tok,
+                HEAD_DIM, BLOCK_D, BLOCK_N, TOKENS_PER_BLOCK, False, False, DOT_PRECISION, QUANT,
             )  # fmt: skip
         for start_n in range(full_hi, hi, BLOCK_N):
             m_i, l_i, acc = _attend_tile(
                 q, m_i, l_i, acc, start_n, q_pos, seq_len, sliding_window, table_row,
-                k_cache_ptr, v_cache_ptr, kv_head, scale_log2e,
-                stride_c_block, stride_c_tok, stride_c_head,
-                HEAD_DIM, BLOCK_D, BLOCK_N, TOKENS_PER_BLOCK, True, False, DOT_PRECISION,
+                k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, kv_head, scale_log2e,
+                stride_c_block, stride_c_tok, stride_c_head, stride_s_block, stride_s_tok,
+                HEAD_DIM, BLOCK_D, BLOCK_N, TOKENS_PER_BLOCK, True, False, DOT_PRECISION, QUANT,
             )  # fmt: skip
 
     # Every real row sees at least itself, so l_i > 0 there; padded rows are not stored.
@@ -222,8 +255,10 @@ def check_paged_inputs(
     kv_cache: torch.Tensor,
     seq_lens: torch.Tensor,
     block_tables: torch.Tensor,
+    kv_scale: torch.Tensor | None = None,
 ) -> tuple[int, int, int, int]:
-    """Validate the arguments shared by the attention launchers.
+    """Validate the arguments shared by the attention launchers (``kv_scale``: required
+    for, and only for, an int8 / float8_e4m3fn cache, whose query may be any float type).
 
     Returns ``(num_heads, num_kv_heads, head_dim, group)``.
     """
@@ -240,7 +275,7 @@ def check_paged_inputs(
         raise ValueError(f"query head_dim {head_dim} != cache head_dim {kv_cache.shape[4]}")
     if num_heads % num_kv_heads != 0:
         raise ValueError(f"num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}")
-    if query.dtype != kv_cache.dtype:
+    if not check_kv_scale(kv_cache, kv_scale) and query.dtype != kv_cache.dtype:
         raise ValueError(f"query dtype {query.dtype} != kv_cache dtype {kv_cache.dtype}")
     if query.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"unsupported dtype {query.dtype}")
@@ -268,6 +303,7 @@ def context_attention(
     scale: float,
     sliding_window: int | None = None,
     out: torch.Tensor | None = None,
+    kv_scale: torch.Tensor | None = None,
     block_m: int | None = None,
     block_n: int | None = None,
     num_warps: int | None = None,
@@ -278,7 +314,8 @@ def context_attention(
     Args:
         query: ``[num_tokens, num_heads, head_dim]`` (token/head strides free).
         kv_cache: ``[2, num_blocks, tokens_per_block, num_kv_heads, head_dim]`` holding
-            every key of every sequence, this step's included; same dtype as ``query``.
+            every key of every sequence, this step's included; same dtype as ``query``,
+            or int8 / float8_e4m3fn codes with ``kv_scale``.
         cu_seqlens_q: int32 ``[batch + 1]`` query row offsets (``cu[-1] == num_tokens``).
         seq_lens: int32 ``[batch]`` total keys per sequence (cached + new).
         block_tables: int32 ``[batch, max_blocks]``.
@@ -286,13 +323,17 @@ def context_attention(
         scale: softmax scale.
         sliding_window: attend to at most this many keys (the query's own included).
         out: optional ``[num_tokens, num_heads, head_dim]`` output buffer.
+        kv_scale: float32 ``[2, num_blocks, tokens_per_block, num_kv_heads]`` scales of
+            a quantized ``kv_cache`` (see :mod:`rtllm.kernels.kv_quant`).
         block_m, block_n, num_warps, num_stages: tuning overrides (tests use small
             tiles to reach the multi-tile paths).
 
     Returns:
         ``[num_tokens, num_heads, head_dim]`` in ``query``'s dtype.
     """
-    num_heads, _, head_dim, group = check_paged_inputs(query, kv_cache, seq_lens, block_tables)
+    num_heads, _, head_dim, group = check_paged_inputs(
+        query, kv_cache, seq_lens, block_tables, kv_scale
+    )
     if cu_seqlens_q.dtype != torch.int32 or cu_seqlens_q.shape != (seq_lens.shape[0] + 1,):
         raise ValueError("cu_seqlens_q must be int32 [batch + 1]")
     if out is None:
@@ -305,11 +346,15 @@ def context_attention(
     default_m, default_n, default_warps, default_stages = _default_blocks(head_dim, query.device)
     bm, bn = block_m or default_m, block_n or default_n
     window = sliding_window or 0
+    quant = kv_scale is not None
+    scales = kv_scale if quant else kv_cache  # unquantized: never read
     grid = (triton.cdiv(max_query_len, bm), num_heads, batch)
     _context_attention_kernel[grid](
         query,
         kv_cache[0],
         kv_cache[1],
+        scales[0],
+        scales[1],
         out,
         cu_seqlens_q,
         seq_lens,
@@ -323,6 +368,8 @@ def context_attention(
         kv_cache.stride(1),
         kv_cache.stride(2),
         kv_cache.stride(3),
+        scales.stride(1),
+        scales.stride(2),
         block_tables.stride(0),
         HEAD_DIM=head_dim,
         BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
@@ -332,6 +379,7 @@ def context_attention(
         BLOCK_N=bn,
         USE_WINDOW=window > 0,
         DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
+        QUANT=quant,
         num_warps=num_warps or default_warps,
         num_stages=num_stages or default_stages,
     )
@@ -339,14 +387,22 @@ def context_attention(
 
 
 def gather_paged_kv(
-    kv_cache: torch.Tensor, block_table: torch.Tensor, seq_len: int
+    kv_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_len: int,
+    kv_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """K and V ``[seq_len, num_kv_heads, head_dim]`` of one sequence (reference helper)."""
+    """K and V ``[seq_len, num_kv_heads, head_dim]`` of one sequence (reference helper);
+    a quantized cache's rows are dequantized to float32 with their ``kv_scale``."""
     tokens_per_block = kv_cache.shape[2]
     positions = torch.arange(seq_len, device=kv_cache.device)
     blocks = block_table.long()[positions // tokens_per_block]
     offsets = positions % tokens_per_block
-    return kv_cache[0, blocks, offsets], kv_cache[1, blocks, offsets]
+    if kv_scale is None:
+        return kv_cache[0, blocks, offsets], kv_cache[1, blocks, offsets]
+    codes = raw_view(kv_cache)[:, blocks, offsets].view(kv_cache.dtype)  # CPU cannot index fp8
+    kv = dequantize_kv(codes, kv_scale[:, blocks, offsets], torch.float32)
+    return kv[0], kv[1]
 
 
 def reference_attention(
@@ -382,16 +438,18 @@ def context_attention_ref(
     max_query_len: int,
     scale: float,
     sliding_window: int | None = None,
+    kv_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """PyTorch reference of :func:`context_attention` (float32 math, ``query``'s dtype out)."""
-    check_paged_inputs(query, kv_cache, seq_lens, block_tables)
+    """PyTorch reference of :func:`context_attention` (float32 math, ``query``'s dtype out;
+    a quantized cache is dequantized to float32 first)."""
+    check_paged_inputs(query, kv_cache, seq_lens, block_tables, kv_scale)
     out = torch.empty_like(query)
     cu = cu_seqlens_q.tolist()
     for b, seq_len in enumerate(seq_lens.tolist()):
         q = query[cu[b] : cu[b + 1]]
         if q.shape[0] == 0:
             continue
-        keys, values = gather_paged_kv(kv_cache, block_tables[b], seq_len)
+        keys, values = gather_paged_kv(kv_cache, block_tables[b], seq_len, kv_scale)
         ctx = seq_len - q.shape[0]
         out[cu[b] : cu[b + 1]] = reference_attention(
             q, keys, values, ctx, scale, sliding_window

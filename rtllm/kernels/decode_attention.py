@@ -10,6 +10,12 @@ and log-sum-exp. Stage 2, grid ``(batch, num_heads)``, merges the slices. With o
 split, stage 1 writes the final output and stage 2 is skipped.
 
 Padded rows (CUDA-graph batches) carry ``seq_len == 0`` and get zeros.
+
+A quantized cache (int8 / float8_e4m3fn codes plus float32 ``kv_scale``, see
+:mod:`rtllm.kernels.kv_quant`) is dequantized in stage 1 as in
+:mod:`rtllm.kernels.context_attention`: K codes enter ``tl.dot`` in the query's dtype
+and their per-key scales multiply the score columns; V tiles are dequantized to the
+query's dtype. The ``QUANT`` constexpr leaves the unquantized kernel unchanged.
 """
 
 from __future__ import annotations
@@ -36,6 +42,8 @@ def _decode_partial_kernel(
     q_ptr,
     k_cache_ptr,
     v_cache_ptr,
+    k_scale_ptr,
+    v_scale_ptr,
     seq_lens_ptr,
     block_tables_ptr,
     out_ptr,
@@ -51,6 +59,8 @@ def _decode_partial_kernel(
     stride_c_block,
     stride_c_tok,
     stride_c_head,
+    stride_s_block,
+    stride_s_tok,
     stride_bt,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -61,6 +71,7 @@ def _decode_partial_kernel(
     USE_WINDOW: tl.constexpr,
     SINGLE_SPLIT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    QUANT: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -103,7 +114,18 @@ def _decode_partial_kernel(
         )
         kv_mask = n_mask[:, None] & d_mask[None, :]
         k = tl.load(k_cache_ptr + kv_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2e
+        if QUANT:
+            s_off = (
+                block.to(tl.int64) * stride_s_block
+                + (offs_n % TOKENS_PER_BLOCK) * stride_s_tok
+                + kv_head
+            )
+            k_scale = tl.load(k_scale_ptr + s_off, mask=n_mask, other=0.0)
+            v_scale = tl.load(v_scale_ptr + s_off, mask=n_mask, other=0.0)
+            s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION)
+            s = s * (k_scale * scale_log2e)[None, :]
+        else:
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2e
         s = tl.where(n_mask[None, :], s, float("-inf"))
         # Every tile holds >= 1 valid key, so m_new is finite after the first tile.
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -111,6 +133,8 @@ def _decode_partial_kernel(
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_cache_ptr + kv_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+        if QUANT:
+            v = (v.to(tl.float32) * v_scale[:, None]).to(q.dtype)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
@@ -211,6 +235,7 @@ def decode_attention(
     max_seq_len: int | None = None,
     num_splits: int | None = None,
     out: torch.Tensor | None = None,
+    kv_scale: torch.Tensor | None = None,
     block_n: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
@@ -221,7 +246,8 @@ def decode_attention(
         query: ``[batch, num_heads, head_dim]`` (token/head strides free), the token at
             position ``seq_lens[b] - 1`` of sequence ``b``.
         kv_cache: ``[2, num_blocks, tokens_per_block, num_kv_heads, head_dim]``, same
-            dtype as ``query``, already holding this step's K/V.
+            dtype as ``query`` (or int8 / float8_e4m3fn codes with ``kv_scale``),
+            already holding this step's K/V.
         seq_lens: int32 ``[batch]`` keys per sequence (0 marks a padded row: output 0).
         block_tables: int32 ``[batch, max_blocks]``.
         scale: softmax scale.
@@ -230,13 +256,15 @@ def decode_attention(
             (``None``: occupancy only, for CUDA graphs).
         num_splits: force the number of KV slices (default :func:`choose_num_splits`).
         out: optional ``[batch, num_heads, head_dim]`` output buffer.
+        kv_scale: float32 ``[2, num_blocks, tokens_per_block, num_kv_heads]`` scales of
+            a quantized ``kv_cache`` (see :mod:`rtllm.kernels.kv_quant`).
         block_n, num_warps, num_stages: tuning overrides (tests use small tiles).
 
     Returns:
         ``[batch, num_heads, head_dim]`` in ``query``'s dtype.
     """
     num_heads, num_kv_heads, head_dim, group = check_paged_inputs(
-        query, kv_cache, seq_lens, block_tables
+        query, kv_cache, seq_lens, block_tables, kv_scale
     )
     batch = query.shape[0]
     if seq_lens.shape[0] != batch:
@@ -265,10 +293,14 @@ def decode_attention(
         part_lse = torch.empty(
             batch, num_heads, num_splits, dtype=torch.float32, device=query.device
         )
+    quant = kv_scale is not None
+    scales = kv_scale if quant else kv_cache  # unquantized: never read
     _decode_partial_kernel[(batch, num_kv_heads, num_splits)](
         query,
         kv_cache[0],
         kv_cache[1],
+        scales[0],
+        scales[1],
         seq_lens,
         block_tables,
         out,
@@ -284,6 +316,8 @@ def decode_attention(
         kv_cache.stride(1),
         kv_cache.stride(2),
         kv_cache.stride(3),
+        scales.stride(1),
+        scales.stride(2),
         block_tables.stride(0),
         HEAD_DIM=head_dim,
         BLOCK_D=block_d,
@@ -294,6 +328,7 @@ def decode_attention(
         USE_WINDOW=window > 0,
         SINGLE_SPLIT=single,
         DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
+        QUANT=quant,
         num_warps=num_warps or 4,
         num_stages=num_stages or 2,
     )
@@ -321,14 +356,16 @@ def decode_attention_ref(
     block_tables: torch.Tensor,
     scale: float,
     sliding_window: int | None = None,
+    kv_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """PyTorch reference of :func:`decode_attention` (float32 math, ``query``'s dtype out)."""
-    check_paged_inputs(query, kv_cache, seq_lens, block_tables)
+    """PyTorch reference of :func:`decode_attention` (float32 math, ``query``'s dtype out;
+    a quantized cache is dequantized to float32 first)."""
+    check_paged_inputs(query, kv_cache, seq_lens, block_tables, kv_scale)
     out = torch.zeros_like(query)
     for b, seq_len in enumerate(seq_lens.tolist()):
         if seq_len == 0:
             continue
-        keys, values = gather_paged_kv(kv_cache, block_tables[b], seq_len)
+        keys, values = gather_paged_kv(kv_cache, block_tables[b], seq_len, kv_scale)
         out[b] = reference_attention(
             query[b : b + 1], keys, values, seq_len - 1, scale, sliding_window
         )[0].to(query.dtype)
