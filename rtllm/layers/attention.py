@@ -1,4 +1,10 @@
-"""The attention module models use; the work is done by the step's backend."""
+"""The attention module models use; the work is done by the step's backend.
+
+``KV_CACHE_QUANT_ALGOS`` advertises the KV-cache quantizations every backend supports
+(``QuantConfig.kv_cache_quant_algo``; read by
+:func:`rtllm.quantization.checkpoint.kv_cache_quant_supported`): int8 and FP8 E4M3
+codes with per-(token, KV head) scales, see :mod:`rtllm.kernels.kv_quant`.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +13,8 @@ from torch import nn
 
 from rtllm.layers.attention_backends.base import AttentionLayerSpec
 from rtllm.runtime.forward_context import get_forward_context
+
+KV_CACHE_QUANT_ALGOS: tuple[str, ...] = ("INT8", "FP8")
 
 
 class Attention(nn.Module):

@@ -13,6 +13,7 @@ from rtllm.engine.kv_cache.events import KVCacheEventBuffer
 from rtllm.engine.kv_cache.kv_cache_manager import KVCacheManager
 from rtllm.engine.sampler import Sampler
 from rtllm.engine.scheduler import Scheduler
+from rtllm.kernels.kv_quant import kv_cache_dtype_of
 from rtllm.llmapi.llm_args import LlmArgs, resolve_dtype
 from rtllm.models.config import ModelConfig
 from rtllm.models.loader import build_model, estimate_weight_bytes, load_model_config
@@ -68,7 +69,10 @@ def build_engine(args: LlmArgs) -> BuiltEngine:
     check_weights_fit(estimate_weight_bytes(config, dtype, quant_config), device)
     model = build_model(path, config, dtype, device, args.load_format, args.seed, quant_config)
     backend = "triton" if device.type == "cuda" else "torch"
-    runner = ModelRunner(model, config, dtype, device, args.kv_cache_config.tokens_per_block, backend)
+    kv_dtype = kv_cache_dtype_of(quant_config)  # None: the model dtype
+    runner = ModelRunner(
+        model, config, dtype, device, args.kv_cache_config.tokens_per_block, backend, kv_dtype
+    )
     graph_sizes = _graph_batch_sizes(args, device)
     num_blocks = _plan_kv_cache(runner, args, config, dtype, device, max_seq_len, graph_sizes)
     runner.allocate_kv_cache(num_blocks)
@@ -108,7 +112,7 @@ def _build_kv_cache_manager(
     events = KVCacheEventBuffer(kv_config.event_buffer_max_size) if kv_config.event_buffer_max_size else None
     host_blocks = 0
     if kv_config.host_cache_size:
-        per_block = kv_bytes_per_block(config, kv_config.tokens_per_block, dtype)
+        per_block = kv_bytes_per_block(config, kv_config.tokens_per_block, dtype, runner.kv_cache_dtype)
         host_blocks = kv_config.host_cache_size // per_block
         if host_blocks < 1:
             raise ValueError(
@@ -147,8 +151,11 @@ def _plan_kv_cache(
 ) -> int:
     """Size the KV pool; on CUDA after profiling activations (and graph memory)."""
     kv_config = args.kv_cache_config
+    kv_dtype = runner.kv_cache_dtype
     if device.type != "cuda":
-        return num_kv_blocks(config, kv_config, dtype, device, max_seq_len, args.max_batch_size)
+        return num_kv_blocks(
+            config, kv_config, dtype, device, max_seq_len, args.max_batch_size, kv_cache_dtype=kv_dtype
+        )
     weights = torch.cuda.memory_allocated(device)
     activations = runner.profile_peak_memory(args.max_num_tokens, max_seq_len)
     # Graph capture keeps the activations of its largest batch in a private pool,
@@ -158,9 +165,9 @@ def _plan_kv_cache(
         largest = max(graph_sizes)
         graphs = runner.profile_peak_memory(largest, max_seq_len) + largest * config.vocab_size * 4
     num_blocks = num_kv_blocks(
-        config, kv_config, dtype, device, max_seq_len, args.max_batch_size, reserved_bytes=activations + graphs
+        config, kv_config, dtype, device, max_seq_len, args.max_batch_size, activations + graphs, kv_dtype
     )
-    per_block = config.kv_bytes_per_token * kv_config.tokens_per_block * dtype.itemsize
+    per_block = kv_bytes_per_block(config, kv_config.tokens_per_block, dtype, kv_dtype)
     plan = MemoryPlan(weights, activations, graphs, num_blocks * per_block, num_blocks)
     logger.info("memory plan: %s", plan.describe())
     return num_blocks

@@ -1,4 +1,11 @@
-"""Memory planning: weights, activations, CUDA graphs and the KV block pool."""
+"""Memory planning: weights, activations, CUDA graphs and the KV block pool.
+
+A quantized KV cache (int8 / float8_e4m3fn, :mod:`rtllm.kernels.kv_quant`) takes one
+byte per element plus a float32 scale per (K or V, token, KV head): for the same
+bytes it holds ``2 * head_dim / (head_dim + 4)`` times the tokens of a 16-bit cache
+(1.88x for head_dim 64, 1.94x for 128). Block counts are sized from those bytes;
+``KvCacheConfig.max_tokens`` still counts tokens.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from rtllm.kernels.kv_quant import kv_bytes_per_token_layer_head
 from rtllm.llmapi.llm_args import KvCacheConfig
 from rtllm.models.config import ModelConfig
 
@@ -17,9 +25,16 @@ CPU_KV_CACHE_BYTES = 2**30
 GiB = 2**30
 
 
-def kv_bytes_per_block(config: ModelConfig, tokens_per_block: int, dtype: torch.dtype) -> int:
-    """Bytes one KV block takes over all layers."""
-    return config.kv_bytes_per_token * tokens_per_block * torch.empty((), dtype=dtype).element_size()
+def kv_bytes_per_block(
+    config: ModelConfig,
+    tokens_per_block: int,
+    dtype: torch.dtype,
+    kv_cache_dtype: torch.dtype | None = None,
+) -> int:
+    """Bytes one KV block takes over all layers (``kv_cache_dtype``: the cache's element
+    type when it is not the model ``dtype``; scales of a quantized cache included)."""
+    per_head = kv_bytes_per_token_layer_head(config.head_dim, kv_cache_dtype or dtype)
+    return config.num_hidden_layers * config.num_key_value_heads * tokens_per_block * per_head
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +75,7 @@ def num_kv_blocks(
     max_seq_len: int,
     max_batch_size: int,
     reserved_bytes: int = 0,
+    kv_cache_dtype: torch.dtype | None = None,
 ) -> int:
     """Number of KV blocks to allocate.
 
@@ -67,10 +83,11 @@ def num_kv_blocks(
     ``free_gpu_memory_fraction`` of the free memory left after ``reserved_bytes``
     (activations and CUDA graphs), and on CPU enough for ``max_batch_size`` full
     sequences capped at :data:`CPU_KV_CACHE_BYTES`. Raises if not even one
-    sequence of ``max_seq_len`` tokens fits.
+    sequence of ``max_seq_len`` tokens fits. ``kv_cache_dtype`` is the element type of
+    a quantized cache (blocks are then smaller, so more fit).
     """
     tokens_per_block = kv_config.tokens_per_block
-    per_block = kv_bytes_per_block(config, tokens_per_block, dtype)
+    per_block = kv_bytes_per_block(config, tokens_per_block, dtype, kv_cache_dtype)
     min_blocks = -(-max_seq_len // tokens_per_block)
     if kv_config.max_tokens is not None:
         num_blocks = -(-kv_config.max_tokens // tokens_per_block)

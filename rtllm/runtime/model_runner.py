@@ -3,6 +3,11 @@
 The runner executes; it never decides. It owns the KV cache tensors, whose
 blocks the engine's KV cache manager hands out, and (on CUDA) the captured CUDA
 graphs that replay generation steps.
+
+With a quantized KV cache (``kv_cache_dtype`` int8 / float8_e4m3fn) each layer's cache
+is a :class:`QuantizedKVCache` of codes plus per-(token, head) scales; every block
+operation here (lazy zeroing, host-tier offload/onload, copy-on-write ``copy_block``)
+moves both, through :func:`kv_cache_parts`, so a block's scales always travel with it.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from torch import nn
 
 from rtllm.engine.llm_request import LlmRequest, SamplingConfig
 from rtllm.engine.scheduler import ScheduledRequest
+from rtllm.kernels.kv_quant import KVCacheLayer, allocate_kv_layer, kv_cache_parts
 from rtllm.layers.attention_backends import StepAttentionInputs, get_attention_backend
 from rtllm.models.config import ModelConfig
 from rtllm.runtime.forward_context import ForwardContext, forward_context
@@ -59,6 +65,7 @@ class ModelRunner:
         device: torch.device,
         tokens_per_block: int,
         attention_backend: str = "torch",
+        kv_cache_dtype: torch.dtype | None = None,
     ) -> None:
         self.model = model
         self.config = config
@@ -66,45 +73,52 @@ class ModelRunner:
         self.device = device
         self.tokens_per_block = tokens_per_block
         self.backend = get_attention_backend(attention_backend)
-        self.kv_caches: list[torch.Tensor] = []
-        self.host_kv_caches: list[torch.Tensor] = []  # the host tier, same layout
+        # The KV element type: the model dtype, or int8 / float8_e4m3fn (quantized).
+        self.kv_cache_dtype = kv_cache_dtype or dtype
+        self.kv_caches: list[KVCacheLayer] = []
+        self.host_kv_caches: list[KVCacheLayer] = []  # the host tier, same layout
         self.num_blocks = 0
         self._num_clean_blocks = 0
         self.graphs = None  # a CudaGraphRunner once captured
 
+    def _new_layers(self, num_blocks: int, device: torch.device, host: bool) -> list[KVCacheLayer]:
+        config = self.config
+        return [
+            allocate_kv_layer(
+                num_blocks,
+                self.tokens_per_block,
+                config.num_key_value_heads,
+                config.head_dim,
+                self.kv_cache_dtype,
+                device,
+                zero=host,
+                pin_memory=host and self.device.type == "cuda",
+            )
+            for _ in range(config.num_hidden_layers)
+        ]
+
     def allocate_kv_cache(self, num_blocks: int) -> None:
         """Allocate the KV pool: one ``[2, num_blocks, tokens_per_block, kv_heads, head_dim]``
-        tensor per layer."""
-        config = self.config
-        shape = (2, num_blocks, self.tokens_per_block, config.num_key_value_heads, config.head_dim)
+        tensor per layer (with its scale tensor when quantized)."""
         # Allocated empty and zeroed lazily, block by block on first use (see
         # _zero_new_blocks): touching a whole CPU pool up front costs seconds.
-        self.kv_caches = [
-            torch.empty(shape, dtype=self.dtype, device=self.device) for _ in range(config.num_hidden_layers)
-        ]
+        self.kv_caches = self._new_layers(num_blocks, self.device, host=False)
         self.num_blocks = num_blocks
         self._num_clean_blocks = 0
         logger.info(
-            "KV cache: %d blocks x %d tokens = %d tokens, %.1f MiB",
+            "KV cache (%s): %d blocks x %d tokens = %d tokens, %.1f MiB",
+            self.kv_cache_dtype,
             num_blocks,
             self.tokens_per_block,
             num_blocks * self.tokens_per_block,
-            sum(t.numel() * t.element_size() for t in self.kv_caches) / 2**20,
+            _mib(self.kv_caches),
         )
 
     def allocate_host_cache(self, num_blocks: int) -> None:
         """Allocate the host tier: ``num_blocks`` blocks per layer in host memory
         (pinned on CUDA, so copies to and from the device run asynchronously)."""
-        shape = (2, num_blocks, *self.kv_caches[0].shape[2:])
-        pin = self.device.type == "cuda"
-        self.host_kv_caches = [
-            torch.zeros(shape, dtype=self.dtype, pin_memory=pin) for _ in range(len(self.kv_caches))
-        ]
-        logger.info(
-            "host KV tier: %d blocks, %.1f MiB",
-            num_blocks,
-            sum(t.numel() * t.element_size() for t in self.host_kv_caches) / 2**20,
-        )
+        self.host_kv_caches = self._new_layers(num_blocks, torch.device("cpu"), host=True)
+        logger.info("host KV tier: %d blocks, %.1f MiB", num_blocks, _mib(self.host_kv_caches))
 
     def offload(self, device_block: int, host_block: int) -> None:
         """Copy one block's KV (every layer) to the host tier.
@@ -112,22 +126,30 @@ class ModelRunner:
         Queued on the current stream: it sees every write of the steps launched
         before it, and the step that reuses ``device_block`` runs after it.
         """
-        for device_cache, host_cache in zip(self.kv_caches, self.host_kv_caches, strict=True):
-            host_cache[:, host_block].copy_(device_cache[:, device_block], non_blocking=True)
+        for device_part, host_part in self._paired_parts():
+            host_part[:, host_block].copy_(device_part[:, device_block], non_blocking=True)
 
     def onload(self, host_block: int, device_block: int) -> None:
         """Copy one block's KV (every layer) from the host tier into the device pool."""
         # Zero first what lazy zeroing has not reached yet, so it cannot later wipe this copy.
         self._zero_new_blocks(device_block)
-        for device_cache, host_cache in zip(self.kv_caches, self.host_kv_caches, strict=True):
-            device_cache[:, device_block].copy_(host_cache[:, host_block], non_blocking=True)
+        for device_part, host_part in self._paired_parts():
+            device_part[:, device_block].copy_(host_part[:, host_block], non_blocking=True)
+
+    def _paired_parts(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(device, host) tensor pairs over every layer: codes and scales alike."""
+        pairs = []
+        for device_layer, host_layer in zip(self.kv_caches, self.host_kv_caches, strict=True):
+            pairs.extend(zip(kv_cache_parts(device_layer), kv_cache_parts(host_layer), strict=True))
+        return pairs
 
     def copy_block(self, src_block: int, dst_block: int) -> None:
         """Copy one block's KV (every layer) to another block of the pool (queued on the
         current stream, after the steps that wrote ``src_block``)."""
         self._zero_new_blocks(dst_block)
-        for cache in self.kv_caches:
-            cache[:, dst_block].copy_(cache[:, src_block])
+        for layer in self.kv_caches:
+            for part in kv_cache_parts(layer):
+                part[:, dst_block].copy_(part[:, src_block])
 
     def assemble(
         self, scheduled: list[ScheduledRequest], block_table_of: Callable[[int], list[int]]
@@ -160,13 +182,15 @@ class ModelRunner:
         never-written memory could hold NaN, which a zero attention weight does not
         cancel (0 * NaN = NaN). A fresh pool hands out block ids in increasing
         order, so the blocks ever used form a prefix ``[0, _num_clean_blocks)``;
-        anything in it is either zero or real KV (finite).
+        anything in it is either zero or real KV (finite). Quantized caches zero their
+        scales too (a zero row dequantizes to 0; float8 garbage could be NaN codes).
         """
         if max_block_id < self._num_clean_blocks:
             return
         end = max_block_id + 1
-        for cache in self.kv_caches:
-            cache[:, self._num_clean_blocks : end].zero_()
+        for layer in self.kv_caches:
+            for part in kv_cache_parts(layer):
+                part[:, self._num_clean_blocks : end].zero_()
         self._num_clean_blocks = end
 
     @torch.inference_mode()
@@ -253,6 +277,10 @@ class ModelRunner:
         self.kv_caches, self.num_blocks, self._num_clean_blocks = saved
         torch.cuda.empty_cache()
         return peak
+
+
+def _mib(layers: list[KVCacheLayer]) -> float:
+    return sum(t.numel() * t.element_size() for layer in layers for t in kv_cache_parts(layer)) / 2**20
 
 
 def apply_token_sources(input_ids: torch.Tensor, sources: TokenSources) -> None:

@@ -74,7 +74,7 @@ def test_awq_checkpoint_matches_quantizing_on_load(tiny_llama, tmp_path):
     assert _rel(exported, dense_forward(on_load, IDS)) < 0.01
 
 
-def test_kv_cache_dtype_is_recorded_and_load_refuses_it(tiny_llama, tmp_path):
+def test_kv_cache_dtype_is_recorded_and_loaded(tiny_llama, tmp_path):
     from rtllm import LLM
 
     out = str(tmp_path / "kv")
@@ -82,8 +82,8 @@ def test_kv_cache_dtype_is_recorded_and_load_refuses_it(tiny_llama, tmp_path):
           "--output", out])
     with open(os.path.join(out, "config.json")) as f:
         assert json.load(f)["quantization_config"]["kv_cache_quant_algo"] == "FP8"
-    with pytest.raises(NotImplementedError, match="KV-cache quantization"):
-        LLM(model=out, device="cpu")
+    with LLM(model=out, device="cpu") as llm:  # the KV cache is stored as FP8
+        assert llm.executor.engine.runner.kv_cache_dtype == torch.float8_e4m3fn
 
 
 def test_bad_arguments(tiny_llama, tmp_path, capsys):

@@ -224,10 +224,11 @@ def test_llm_args_rejects_non_quant_config():
         LlmArgs(quant_config={"quant_algo": "W8A16"})
 
 
-def test_kv_cache_quantization_not_supported_yet(tiny_llama):
-    with pytest.raises(NotImplementedError, match="KV-cache quantization"):
-        LLM(model=tiny_llama[0], quant_config=QuantConfig(quant_algo="W8A16", kv_cache_quant_algo="FP8"),
-            device="cpu")
+def test_kv_cache_quantization_is_supported(tiny_llama):
+    # KV-cache quantization itself is tested in tests/quantization/test_kv_cache_quant.py.
+    with LLM(model=tiny_llama[0], quant_config=QuantConfig(quant_algo="W8A16", kv_cache_quant_algo="FP8"),
+             device="cpu") as llm:
+        assert llm.executor.engine.runner.kv_cache_dtype == torch.float8_e4m3fn
 
 
 @pytest.mark.parametrize("algo", ["W4A16_AWQ", "W8A8_SQ_PER_CHANNEL"])

@@ -7,6 +7,8 @@ from collections.abc import Callable
 from rtllm.layers.attention_backends.base import (
     AttentionBackend,
     AttentionLayerSpec,
+    KVCacheLayer,
+    QuantizedKVCache,
     StepAttentionInputs,
 )
 from rtllm.layers.attention_backends.torch_backend import TorchAttentionBackend
@@ -49,6 +51,8 @@ def get_attention_backend(name: str) -> AttentionBackend:
 __all__ = [
     "AttentionBackend",
     "AttentionLayerSpec",
+    "KVCacheLayer",
+    "QuantizedKVCache",
     "StepAttentionInputs",
     "TorchAttentionBackend",
     "available_attention_backends",

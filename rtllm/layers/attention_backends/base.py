@@ -5,6 +5,13 @@ KV cache layout (shared by every backend): one tensor per layer of shape
 index 1 holds V. Token ``i`` of a sequence lives in block
 ``block_table[i // tokens_per_block]`` at offset ``i % tokens_per_block``; its
 *slot* is ``block * tokens_per_block + offset``.
+
+Quantized KV cache (``QuantConfig(kv_cache_quant_algo=INT8 | FP8)``): a layer's cache is
+then a :class:`~rtllm.kernels.kv_quant.QuantizedKVCache` ``(data, scale)``, ``data`` in
+the layout above as int8 / float8_e4m3fn codes and ``scale`` float32
+``[2, num_blocks, tokens_per_block, num_kv_heads]``, one scale per (K or V, token, KV
+head) computed when the token is written (see :mod:`rtllm.kernels.kv_quant`). Backends
+quantize on write and dequantize on read; queries and outputs stay in the model dtype.
 """
 
 from __future__ import annotations
@@ -14,6 +21,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from rtllm.kernels.kv_quant import KVCacheLayer, QuantizedKVCache
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,7 +72,7 @@ class AttentionBackend(ABC):
         query: torch.Tensor,
         key: torch.Tensor,
         value: torch.Tensor,
-        kv_cache: torch.Tensor,
+        kv_cache: KVCacheLayer,
         metadata: Any,
     ) -> torch.Tensor:
         """Store ``key``/``value`` into ``kv_cache`` and attend.
@@ -71,8 +80,18 @@ class AttentionBackend(ABC):
         Args:
             query: ``[num_tokens, num_heads, head_dim]``.
             key, value: ``[num_tokens, num_kv_heads, head_dim]``.
-            kv_cache: this layer's cache (layout in the module docstring).
+            kv_cache: this layer's cache: a tensor, or a ``QuantizedKVCache`` (layouts in
+                the module docstring).
 
         Returns:
             ``[num_tokens, num_heads, head_dim]``.
         """
+
+
+__all__ = [
+    "AttentionBackend",
+    "AttentionLayerSpec",
+    "KVCacheLayer",
+    "QuantizedKVCache",
+    "StepAttentionInputs",
+]

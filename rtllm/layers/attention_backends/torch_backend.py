@@ -5,6 +5,12 @@ padded ``[batch, kv_heads, max_blocks * tokens_per_block, head_dim]`` view (whol
 blocks are copied, which is far cheaper than gathering token by token) and runs
 one ``scaled_dot_product_attention`` with a causal + padding mask. Grouped-query
 heads are folded into the query-row dimension, so KV is never repeated.
+
+A quantized cache (:class:`QuantizedKVCache`, int8 or float8_e4m3fn) is emulated with
+the reference arithmetic of :mod:`rtllm.kernels.kv_quant`: new rows are quantized with
+a fresh per-(token, head) scale on write, and the gathered blocks are dequantized to
+the query's dtype before SDPA. FP8 codes move as ``uint8`` views (CPU PyTorch has no
+float8 ``index_copy_`` / ``index_select``).
 """
 
 from __future__ import annotations
@@ -14,6 +20,13 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from rtllm.kernels.kv_quant import (
+    KVCacheLayer,
+    QuantizedKVCache,
+    dequantize_kv,
+    quantize_kv,
+    raw_view,
+)
 from rtllm.layers.attention_backends.base import (
     AttentionBackend,
     AttentionLayerSpec,
@@ -102,19 +115,22 @@ class TorchAttentionBackend(AttentionBackend):
         query: torch.Tensor,
         key: torch.Tensor,
         value: torch.Tensor,
-        kv_cache: torch.Tensor,
+        kv_cache: KVCacheLayer,
         metadata: TorchAttentionMetadata,
     ) -> torch.Tensor:
         num_kv_heads, head_dim = spec.num_kv_heads, spec.head_dim
         group = spec.num_heads // num_kv_heads
-        num_blocks, bs = kv_cache.shape[1], kv_cache.shape[2]
-        flat = kv_cache.view(2, num_blocks * bs, num_kv_heads, head_dim)
-        flat[0].index_copy_(0, metadata.slot_mapping, key.to(kv_cache.dtype))
-        flat[1].index_copy_(0, metadata.slot_mapping, value.to(kv_cache.dtype))
+        if isinstance(kv_cache, QuantizedKVCache):
+            kv = _store_and_gather_quantized(kv_cache, key, value, metadata, query.dtype)
+        else:
+            num_blocks, bs = kv_cache.shape[1], kv_cache.shape[2]
+            flat = kv_cache.view(2, num_blocks * bs, num_kv_heads, head_dim)
+            flat[0].index_copy_(0, metadata.slot_mapping, key.to(kv_cache.dtype))
+            flat[1].index_copy_(0, metadata.slot_mapping, value.to(kv_cache.dtype))
+            kv = kv_cache.index_select(1, metadata.block_ids).to(query.dtype)
 
         batch, max_q = metadata.batch_size, metadata.max_query_len
         # [2, B * max_blocks, bs, Hkv, D] -> K and V of [B, Hkv, max_blocks * bs, D]
-        kv = kv_cache.index_select(1, metadata.block_ids).to(query.dtype)
         kv = kv.view(2, batch, -1, num_kv_heads, head_dim).transpose(2, 3)
         if metadata.query_flat_index is None:
             padded = query.view(batch, max_q, spec.num_heads, head_dim)
@@ -133,3 +149,25 @@ class TorchAttentionBackend(AttentionBackend):
         if metadata.query_flat_index is None:
             return out
         return out.index_select(0, metadata.query_flat_index)
+
+
+def _store_and_gather_quantized(
+    cache: QuantizedKVCache,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    metadata: TorchAttentionMetadata,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """Quantize this step's rows into ``cache``; return the step's blocks dequantized to
+    ``dtype``, ``[2, B * max_blocks, tokens_per_block, Hkv, D]``."""
+    data, scale = cache
+    _, num_blocks, bs, num_kv_heads, head_dim = data.shape
+    raw = raw_view(data)
+    flat = raw.view(2, num_blocks * bs, num_kv_heads, head_dim)
+    flat_scale = scale.view(2, num_blocks * bs, num_kv_heads)
+    for i, rows in enumerate((key, value)):
+        codes, row_scale = quantize_kv(rows, data.dtype)
+        flat[i].index_copy_(0, metadata.slot_mapping, raw_view(codes))
+        flat_scale[i].index_copy_(0, metadata.slot_mapping, row_scale)
+    codes = raw.index_select(1, metadata.block_ids).view(data.dtype)
+    return dequantize_kv(codes, scale.index_select(1, metadata.block_ids), dtype)

@@ -14,6 +14,10 @@ padded decode batch and :meth:`TritonAttentionBackend.build_decode_metadata_into
 them: padded rows get slot ``-1`` (K/V write skipped) and ``seq_len`` 0 (output 0). The
 ``init_graph_buffers`` / ``graph_metadata`` / ``fill_graph_metadata`` hooks wrap this
 for :class:`rtllm.runtime.cuda_graph.CudaGraphRunner`.
+
+A :class:`QuantizedKVCache` layer is passed to the kernels as codes plus ``kv_scale``:
+the write kernel quantizes, the attention kernels dequantize in registers, and the
+query stays in the model dtype.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import torch
 from rtllm.kernels.context_attention import context_attention
 from rtllm.kernels.decode_attention import decode_attention
 from rtllm.kernels.kv_cache_write import write_kv_cache
+from rtllm.kernels.kv_quant import KVCacheLayer, QuantizedKVCache
 from rtllm.layers.attention_backends.base import (
     AttentionBackend,
     AttentionLayerSpec,
@@ -242,12 +247,15 @@ class TritonAttentionBackend(AttentionBackend):
         query: torch.Tensor,
         key: torch.Tensor,
         value: torch.Tensor,
-        kv_cache: torch.Tensor,
+        kv_cache: KVCacheLayer,
         metadata: TritonAttentionMetadata,
     ) -> torch.Tensor:
-        write_kv_cache(key, value, kv_cache, metadata.slot_mapping)
+        kv_scale = None
+        if isinstance(kv_cache, QuantizedKVCache):
+            kv_cache, kv_scale = kv_cache
+        write_kv_cache(key, value, kv_cache, metadata.slot_mapping, kv_scale)
         in_dtype = query.dtype
-        if in_dtype != kv_cache.dtype:
+        if kv_scale is None and in_dtype != kv_cache.dtype:
             query = query.to(kv_cache.dtype)
         if metadata.is_decode:
             out = decode_attention(
@@ -258,6 +266,7 @@ class TritonAttentionBackend(AttentionBackend):
                 spec.scale,
                 spec.sliding_window,
                 max_seq_len=metadata.max_seq_len,
+                kv_scale=kv_scale,
             )
         else:
             out = context_attention(
@@ -269,5 +278,6 @@ class TritonAttentionBackend(AttentionBackend):
                 metadata.max_query_len,
                 spec.scale,
                 spec.sliding_window,
+                kv_scale=kv_scale,
             )
         return out if out.dtype == in_dtype else out.to(in_dtype)

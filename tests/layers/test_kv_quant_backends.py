@@ -1,0 +1,159 @@
+"""Quantized KV cache through the attention backends, the runner's block operations
+and memory planning.
+
+FP8 through the Triton backend runs on CUDA only: the backend's write kernel converts
+float32 to float8, which Triton 3.6's CPU interpreter gets wrong (see
+``tests/kernels/test_kv_quant.py``); the torch backend's FP8 emulation runs everywhere.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from rtllm.kernels.kv_quant import (
+    QuantizedKVCache,
+    allocate_kv_layer,
+    dequantize_kv_cache,
+    kv_cache_parts,
+)
+from rtllm.layers.attention_backends import (
+    AttentionLayerSpec,
+    StepAttentionInputs,
+    TorchAttentionBackend,
+)
+from rtllm.runtime.model_runner import ModelRunner
+
+HAS_CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
+FP8 = torch.float8_e4m3fn
+requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+BS = 8
+# Mixed step: decodes, a prompt, a chunk after a cached prefix.
+QUERY_LENS, CONTEXT_LENS = [1, 9, 1, 4], [20, 0, 5, 33]
+
+
+def _step(spec: AttentionLayerSpec, dtype: torch.dtype, seed: int = 0):
+    seq_lens = [q + c for q, c in zip(QUERY_LENS, CONTEXT_LENS, strict=True)]
+    counts = [-(-s // BS) for s in seq_lens]
+    perm = torch.randperm(sum(counts) + 1, generator=torch.Generator().manual_seed(seed)).tolist()
+    tables, used = [], 0
+    for n in counts:
+        tables.append(perm[used : used + n])
+        used += n
+    inputs = StepAttentionInputs(QUERY_LENS, CONTEXT_LENS, tables, BS, DEVICE)
+    gen = torch.Generator().manual_seed(seed + 1)
+    t, d = sum(QUERY_LENS), spec.head_dim
+    q, k, v = (torch.randn(t, h, d, generator=gen).to(DEVICE, dtype)
+               for h in (spec.num_heads, spec.num_kv_heads, spec.num_kv_heads))
+    # The cached prefix: random float K/V, written once through the torch backend's path.
+    prefix = torch.randn(2, sum(counts) + 1, BS, spec.num_kv_heads, d, generator=gen).to(DEVICE, dtype)
+    return inputs, q, k, v, prefix
+
+
+def _quantized_like(prefix: torch.Tensor, qdtype: torch.dtype) -> QuantizedKVCache:
+    """``prefix`` stored quantized (through the torch backend's own write path)."""
+    from rtllm.kernels.kv_quant import quantize_kv, raw_view
+
+    codes, scale = quantize_kv(prefix, qdtype)
+    layer = allocate_kv_layer(*prefix.shape[1:4], prefix.shape[4], qdtype, prefix.device, zero=True)
+    raw_view(layer.data).copy_(raw_view(codes))
+    layer.scale.copy_(scale)
+    return layer
+
+
+@pytest.mark.parametrize("qdtype", [torch.int8, FP8])
+def test_torch_backend_quantized_close_to_float(qdtype: torch.dtype) -> None:
+    spec = AttentionLayerSpec(8, 2, 64, 64**-0.5)
+    inputs, q, k, v, prefix = _step(spec, torch.float32)
+    backend = TorchAttentionBackend()
+    metadata = backend.build_metadata(inputs)
+    exact = backend.forward(spec, q, k, v, prefix.clone(), metadata)
+    layer = _quantized_like(prefix, qdtype)
+    out = backend.forward(spec, q, k, v, layer, metadata)
+    err = (out - exact).abs()
+    # Same bounds as the kernel tests (max relative to the output's max, mean absolute).
+    max_bound, mean_bound = {torch.int8: (0.015, 0.004), FP8: (2.0**-4, 0.015)}[qdtype]
+    assert err.max() <= max_bound * exact.abs().max() and err.mean() <= mean_bound
+    # The new rows were quantized into the cache: dequantized they match k/v closely.
+    slots = metadata.slot_mapping.long()
+    deq = dequantize_kv_cache(layer, torch.float32).view(2, -1, spec.num_kv_heads, spec.head_dim)
+    step = 2.0**-4 if qdtype == FP8 else 1 / 127
+    assert ((deq[0, slots] - k).abs() <= step * k.abs().amax(-1, keepdim=True)).all()
+    assert ((deq[1, slots] - v).abs() <= step * v.abs().amax(-1, keepdim=True)).all()
+
+
+@pytest.mark.parametrize("qdtype", [torch.int8, pytest.param(FP8, marks=requires_cuda)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_triton_backend_matches_torch_backend(qdtype: torch.dtype, dtype: torch.dtype) -> None:
+    pytest.importorskip("triton")
+    from rtllm.layers.attention_backends.triton_backend import TritonAttentionBackend
+
+    spec = AttentionLayerSpec(8, 2, 64, 64**-0.5)
+    inputs, q, k, v, prefix = _step(spec, dtype, seed=5)
+    torch_layer, triton_layer = _quantized_like(prefix, qdtype), _quantized_like(prefix, qdtype)
+    torch_backend, triton_backend = TorchAttentionBackend(), TritonAttentionBackend()
+    expected = torch_backend.forward(spec, q, k, v, torch_layer, torch_backend.build_metadata(inputs))
+    out = triton_backend.forward(spec, q, k, v, triton_layer, triton_backend.build_metadata(inputs))
+    assert out.dtype == dtype
+    torch.testing.assert_close(triton_layer.scale, torch_layer.scale, rtol=1e-6, atol=0)
+    code_step = 1.0 if qdtype == torch.int8 else torch_layer.data.float().abs() * 2.0**-3 + 2.0**-9
+    assert ((triton_layer.data.float() - torch_layer.data.float()).abs() <= code_step).all()
+    tol = 1e-4 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(out, expected, rtol=tol, atol=tol)
+    # Decode-only steps take the split-K kernel.
+    tables = [inputs.block_tables[0], inputs.block_tables[3]]  # room for one more token each
+    decode = StepAttentionInputs([1, 1], [21, 37], tables, BS, DEVICE)
+    metadata = triton_backend.build_metadata(decode)
+    assert metadata.is_decode
+    out = triton_backend.forward(spec, q[:2], k[:2], v[:2], triton_layer, metadata)
+    expected = torch_backend.forward(spec, q[:2], k[:2], v[:2], torch_layer, torch_backend.build_metadata(decode))
+    torch.testing.assert_close(out, expected, rtol=tol, atol=tol)
+
+
+def _runner(kv_dtype: torch.dtype | None) -> ModelRunner:
+    config = SimpleNamespace(num_key_value_heads=2, head_dim=16, num_hidden_layers=2)
+    return ModelRunner(None, config, torch.float32, torch.device("cpu"), BS, "torch", kv_dtype)
+
+
+@pytest.mark.parametrize("qdtype", [torch.int8, FP8])
+def test_runner_block_operations_move_scales(qdtype: torch.dtype) -> None:
+    runner = _runner(qdtype)
+    runner.allocate_kv_cache(6)
+    assert all(isinstance(layer, QuantizedKVCache) for layer in runner.kv_caches)
+    runner._zero_new_blocks(5)
+    for layer in runner.kv_caches:
+        assert layer.data.dtype == qdtype and not layer.scale.any() and not layer.data.float().any()
+        part_data, part_scale = kv_cache_parts(layer)
+        part_data[:, 1].copy_(torch.randint(0, 100, part_data[:, 1].shape, dtype=torch.uint8))
+        layer.scale[:, 1].uniform_(0.5, 2.0)
+
+    def block(b: int) -> list[torch.Tensor]:
+        return [dequantize_kv_cache(layer, torch.float32)[:, b] for layer in runner.kv_caches]
+
+    runner.copy_block(1, 3)  # copy-on-write of a forked sequence's partial block
+    assert all(torch.equal(a, b) for a, b in zip(block(1), block(3), strict=True))
+    runner.allocate_host_cache(4)
+    assert all(isinstance(h, QuantizedKVCache) for h in runner.host_kv_caches)
+    runner.offload(1, 2)
+    runner.onload(2, 4)
+    assert all(torch.equal(a, b) for a, b in zip(block(1), block(4), strict=True))
+    assert all(a.abs().sum() > 0 for a in block(4))
+
+
+def test_memory_planning_counts_codes_and_scales() -> None:
+    from rtllm.runtime.memory import kv_bytes_per_block
+
+    config = SimpleNamespace(num_hidden_layers=30, num_key_value_heads=3, head_dim=64)
+    bf16 = kv_bytes_per_block(config, 32, torch.bfloat16)
+    assert bf16 == 30 * 3 * 32 * 2 * 64 * 2
+    for qdtype in (torch.int8, FP8):
+        quant = kv_bytes_per_block(config, 32, torch.bfloat16, qdtype)
+        assert quant == 30 * 3 * 32 * 2 * (64 + 4)  # 1-byte codes + a float32 scale per row
+        assert bf16 / quant == pytest.approx(2 * 64 / 68)  # 1.88x the tokens per byte
+    runner = _runner(torch.int8)
+    runner.allocate_kv_cache(3)
+    allocated = sum(t.numel() * t.element_size() for layer in runner.kv_caches for t in layer)
+    assert allocated == 3 * kv_bytes_per_block(runner.config, BS, torch.float32, torch.int8)
