@@ -81,7 +81,7 @@ def test_gpu_sampler_launch_has_no_host_sync(dtype: torch.dtype) -> None:
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        tokens = sampler.sample_async(logits, requests)
+        tokens = sampler.sample_async(logits, requests).tokens
     finally:
         torch.cuda.set_sync_debug_mode("default")
     tokens = tokens.cpu()

@@ -102,3 +102,35 @@ def test_grammar_bitmask_on_cuda_matches_cpu():
         if rows is not None:
             untouched = [r for r in range(batch) if r not in rows]
             torch.testing.assert_close(gpu.cpu()[untouched], logits[untouched])
+
+
+def test_mixed_sampling_steps_never_wait_for_the_device(hf_and_llm):
+    """Engine steps (launch + commit of the previous step) with mixed sampling parameters
+    make no synchronising CUDA call, so the overlap loop keeps the device busy."""
+    from rtllm.engine.llm_request import LlmRequest
+    from rtllm.executor.request import to_sampling_config
+    from rtllm.llmapi.build import build_engine
+    from rtllm.llmapi.llm_args import LlmArgs
+
+    _, llm = hf_and_llm
+    built = build_engine(LlmArgs(model=llm.model_path, dtype="float32", skip_tokenizer_init=True,
+                                 disable_overlap_scheduler=False,
+                                 kv_cache_config=KvCacheConfig(tokens_per_block=16, max_tokens=4096)))
+    engine = built.engine
+    params = [SamplingParams(max_tokens=40, temperature=0, ignore_eos=True),
+              SamplingParams(max_tokens=40, temperature=0.8, top_p=0.9, seed=1, ignore_eos=True),
+              SamplingParams(max_tokens=40, temperature=1.0, top_k=20, min_p=0.05, logprobs=2, ignore_eos=True),
+              SamplingParams(max_tokens=40, temperature=0.7, bad_token_ids=[11, 12], ignore_eos=True)]
+    for i, p in enumerate(params * 4):
+        sampling = to_sampling_config(p, (EOS,), None, 256, engine.runner.device)
+        engine.add_request(LlmRequest(i, PROMPT, sampling, 512))
+    for _ in range(4):  # prompts, first tokens, per-request generators
+        engine.step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(5):
+            engine.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    engine.shutdown()
