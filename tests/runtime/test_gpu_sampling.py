@@ -127,10 +127,18 @@ def test_mixed_sampling_steps_never_wait_for_the_device(hf_and_llm):
     for _ in range(4):  # prompts, first tokens, per-request generators
         engine.step()
     torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
+    import warnings
+
+    updates = []
+    torch.cuda.set_sync_debug_mode("warn")
     try:
-        for _ in range(5):
-            engine.step()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(5):
+                updates += engine.step()
     finally:
         torch.cuda.set_sync_debug_mode("default")
     engine.shutdown()
+    syncs = [f"{w.filename}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)]
+    assert not syncs, f"synchronising CUDA calls at {sorted(set(syncs))}"
+    assert not [u for u in updates if u.error], [u.error for u in updates if u.error]
