@@ -206,7 +206,8 @@ def _ban_tokens(
         tokens += banned_in_vocab
     if rows:
         index = to_device([rows, tokens], torch.long, logits.device)
-        logits[index[0], index[1]] = _NEG_INF
+        # A device scalar: `logits[i, j] = float` would copy a host scalar and wait.
+        logits.index_put_((index[0], index[1]), logits.new_full((), _NEG_INF))
 
 
 def _apply_history_penalties(
