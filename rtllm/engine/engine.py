@@ -25,6 +25,7 @@ import torch
 from rtllm.engine import beam_groups
 from rtllm.engine.kv_cache.kv_cache_manager import KVCacheManager
 from rtllm.engine.llm_request import PENDING_TOKEN, FinishReason, LlmRequest
+from rtllm.engine.logits_processors import PendingTokens
 from rtllm.engine.logprobs import prompt_token_logprobs
 from rtllm.engine.sampler import Sampler
 from rtllm.engine.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
@@ -199,7 +200,9 @@ class Engine:
         if any(r.group is not None and not r.group.forked and not r.group.is_beam_search for r in sampling):
             sampling, rows = self._fork_groups(scheduled)
             logits = logits.index_select(0, to_device(rows, torch.long, logits.device))
-        sample = self.sampler.sample_async(logits, sampling) if sampling else None
+        sample = None
+        if sampling:
+            sample = self.sampler.sample_async(logits, sampling, _pending_tokens(sampling, previous))
         for item in scheduled:
             item.request.num_computed_tokens += item.num_new_tokens
         if sample is None:
@@ -380,3 +383,20 @@ def attach_prompt_outputs(request: LlmRequest, update: RequestUpdate) -> None:
             TokenLogprobs(token, logprob, rank, alternatives)
             for token, logprob, rank, alternatives in zip(prompt[1:], logprobs, ranks, top, strict=True)
         ]
+
+
+def _pending_tokens(sampling: list[LlmRequest], previous: LaunchedStep | None) -> PendingTokens | None:
+    """Where the penalised requests' last tokens are while still on the device."""
+    if previous is None:
+        return None
+    rows, sources = [], []
+    for row, request in enumerate(sampling):
+        if request.sampling.logits_params is not None and request.num_pending_tokens:
+            source = previous.row_of.get(request.request_id)
+            if source is not None:
+                rows.append(row)
+                sources.append(source)
+    if not rows:
+        return None
+    tokens = previous.tokens.index_select(0, to_device(sources, torch.long, previous.tokens.device))
+    return PendingTokens(rows, tokens)

@@ -63,15 +63,12 @@ class SamplingConfig:
 
     @property
     def needs_history(self) -> bool:
-        """Processing this request's logits needs its latest token on the host."""
+        """Processing this request's logits needs its latest token on the host (the
+        engine then commits the previous step before scheduling the next)."""
+        # Penalties read the last token on the device (PendingTokens); multi-token bad
+        # words are matched on the host.
         params = self.logits_params
-        history_params = params is not None and (
-            params.repetition_penalty != 1.0
-            or params.presence_penalty != 0.0
-            or params.frequency_penalty != 0.0
-            or params.no_repeat_ngram_size > 0
-            or bool(params.bad_sequences)
-        )
+        history_params = params is not None and bool(params.bad_sequences)
         return (
             history_params or bool(self.logits_processors) or self.guided is not None or self.use_beam_search
         )

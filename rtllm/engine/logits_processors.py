@@ -111,11 +111,21 @@ class LogitsParams:
         )
 
 
+@dataclass(frozen=True, slots=True)
+class PendingTokens:
+    """Rows whose last output token is still on the device (the overlap loop):
+    ``output_ids[rows[i]]`` ends with a placeholder whose value is ``tokens[i]``."""
+
+    rows: list[int]
+    tokens: torch.Tensor  # [len(rows)] long, on the logits' device
+
+
 def process_logits(
     logits: torch.Tensor,
     params: Sequence[LogitsParams],
     prompt_ids: Sequence[Sequence[int]],
     output_ids: Sequence[Sequence[int]],
+    pending: PendingTokens | None = None,
 ) -> torch.Tensor:
     """Apply each row's :class:`LogitsParams` to ``logits`` ``[B, V]`` float32, in place.
 
@@ -123,6 +133,12 @@ def process_logits(
     entry per row. Returns ``logits`` itself, modified in place (the caller clones it
     first if it needs the raw values). See the module docstring for the order of ops.
     Token ids >= V in the histories are ignored (they cannot be generated anyway).
+
+    With ``pending``, those rows' last output token is a placeholder that the penalty
+    ops (repetition, presence, frequency, n-gram) replace on the device by the real
+    token, so the step need not wait for it. Bad-word sequences and ``min_tokens`` are
+    decided on the host: a bad sequence must not depend on a pending token (the caller
+    commits first for those), and ``min_tokens`` only needs the count.
     """
     if logits.dim() != 2 or logits.dtype != torch.float32:
         raise ValueError(
@@ -136,11 +152,29 @@ def process_logits(
         )
     if all(p.is_noop for p in params):
         return logits
+    pending_rows = {} if pending is None else {row: i for i, row in enumerate(pending.rows)}
     _add_embedding_bias(logits, params)
     _ban_tokens(logits, params, output_ids)
-    _apply_history_penalties(logits, params, prompt_ids, output_ids)
-    _apply_presence_frequency(logits, params, output_ids)
+    _apply_history_penalties(logits, params, prompt_ids, output_ids, pending, pending_rows)
+    _apply_presence_frequency(logits, params, output_ids, pending, pending_rows)
     return logits
+
+
+def _patch_last_column(
+    values: torch.Tensor, rows: list[int], pending: PendingTokens | None, pending_rows: dict[int, int]
+) -> torch.Tensor:
+    """Put the device-side pending tokens in the last column of a left-padded history
+    (``rows[r]`` is the batch row of history row ``r``)."""
+    if pending is None:
+        return values
+    patch = [(r, pending_rows[row]) for r, row in enumerate(rows) if row in pending_rows]
+    if not patch:
+        return values
+    device = values.device
+    index = to_device([[r for r, _ in patch], [i for _, i in patch]], torch.long, device)
+    last = torch.full_like(index[0], values.shape[1] - 1)
+    values.index_put_((index[0], last), pending.tokens.index_select(0, index[1]).to(values.dtype))
+    return values
 
 
 def _select_rows(logits: torch.Tensor, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -215,6 +249,8 @@ def _apply_history_penalties(
     params: Sequence[LogitsParams],
     prompt_ids: Sequence[Sequence[int]],
     output_ids: Sequence[Sequence[int]],
+    pending: PendingTokens | None = None,
+    pending_rows: dict[int, int] | None = None,
 ) -> None:
     """``no_repeat_ngram_size`` and ``repetition_penalty``: both read prompt + output.
 
@@ -241,6 +277,7 @@ def _apply_history_penalties(
     width = max(map(len, histories)) + max(max_ngram - 1, 0)
     device = logits.device
     history = to_device(_pad_left(histories, width, -1), torch.long, device)
+    history = _patch_last_column(history, rows, pending, pending_rows or {})
     values, index = _select_rows(logits, rows)
     if max_ngram > 0:
         sizes = to_device(ngram_sizes, torch.long, device)
@@ -293,7 +330,11 @@ def _repetition_penalty(
 
 
 def _apply_presence_frequency(
-    logits: torch.Tensor, params: Sequence[LogitsParams], output_ids: Sequence[Sequence[int]]
+    logits: torch.Tensor,
+    params: Sequence[LogitsParams],
+    output_ids: Sequence[Sequence[int]],
+    pending: PendingTokens | None = None,
+    pending_rows: dict[int, int] | None = None,
 ) -> None:
     """OpenAI's ``logit - frequency * count - presence * (count > 0)`` over the output."""
     # A row with no output yet has nothing to penalise.
@@ -309,7 +350,7 @@ def _apply_presence_frequency(
     outputs = [list(output_ids[i]) for i in rows]
     # Padding is vocab, the spare column; ids >= vocab are clamped into it too.
     ids = to_device(_pad_left(outputs, max(map(len, outputs)), vocab), torch.long, device)
-    ids = ids.clamp(max=vocab)
+    ids = _patch_last_column(ids, rows, pending, pending_rows or {}).clamp(max=vocab)
     coefficients = [[params[i].frequency_penalty, params[i].presence_penalty] for i in rows]
     coef = to_device(coefficients, torch.float32, device)
     values, index = _select_rows(logits, rows)

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from rtllm.engine.llm_request import LlmRequest
-from rtllm.engine.logits_processors import LogitsParams, apply_min_p, process_logits
+from rtllm.engine.logits_processors import LogitsParams, PendingTokens, apply_min_p, process_logits
 from rtllm.kernels.sampling import filtered_probs
 from rtllm.runtime.transfer import to_device
 
@@ -119,11 +119,14 @@ class Sampler:
         return self.sample_async(logits, requests).tokens.tolist()
 
     @torch.inference_mode()
-    def sample_async(self, logits: torch.Tensor, requests: list[LlmRequest]) -> SampleOutput:
+    def sample_async(
+        self, logits: torch.Tensor, requests: list[LlmRequest], pending: PendingTokens | None = None
+    ) -> SampleOutput:
         """Sample without waiting for the device; the overlap loop reads the result one
-        step later. Rows of requests that need their token history (penalties, logits
-        processors, grammars) read ``output_token_ids``, which the engine makes sure
-        holds no placeholder for them."""
+        step later. Penalties read ``output_token_ids``, whose last entry may be a
+        placeholder for a token still on the device: ``pending`` gives those tokens.
+        Logits processors, multi-token bad words and grammars need every token on the
+        host; the engine commits the previous step first for them."""
         if all(_is_plain_greedy(r) for r in requests):
             return SampleOutput(logits.argmax(dim=-1))
         logits = logits.float()
@@ -131,7 +134,7 @@ class Sampler:
         generation_logits = None
         if generation_rows:
             generation_logits = logits.index_select(0, to_device(list(generation_rows), torch.long, logits.device))
-        self._process(logits, requests)
+        self._process(logits, requests, pending)
         temperature = [1.0 if r.sampling.greedy else r.sampling.temperature for r in requests]
         scaled = logits / to_device(temperature, torch.float32, logits.device).clamp(min=1e-6).unsqueeze(1)
         tokens = scaled.argmax(dim=-1)
@@ -156,13 +159,14 @@ class Sampler:
         return out
 
     # ---- stages ------------------------------------------------------------------------
-    def _process(self, logits: torch.Tensor, requests: list[LlmRequest]) -> None:
+    def _process(self, logits: torch.Tensor, requests: list[LlmRequest], pending: PendingTokens | None) -> None:
         if any(r.sampling.logits_params is not None for r in requests):
             process_logits(
                 logits,
                 [r.sampling.logits_params or _NOOP for r in requests],
                 [r.prompt_token_ids for r in requests],
                 [r.output_token_ids for r in requests],
+                pending,
             )
         for i, request in enumerate(requests):
             for fn in request.sampling.logits_processors:

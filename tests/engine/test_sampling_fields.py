@@ -197,3 +197,32 @@ def test_truncate_prompt_and_include_input(llm) -> None:
     both = llm.generate(PROMPTS[0], SamplingParams(max_tokens=4, temperature=0, exclude_input_from_output=False))
     alone = llm.generate(PROMPTS[0], SamplingParams(max_tokens=4, temperature=0))
     assert both.outputs[0].token_ids == PROMPTS[0] + alone.outputs[0].token_ids
+
+
+def test_penalties_under_the_overlap_loop_match_the_synchronous_loop(hf_and_dir) -> None:
+    params = [SamplingParams(max_tokens=16, temperature=0, repetition_penalty=1.5, frequency_penalty=0.7,
+                             presence_penalty=0.3, no_repeat_ngram_size=3),
+              SamplingParams(max_tokens=16, temperature=0.9, seed=4, repetition_penalty=1.3)]
+    results = []
+    for overlap in (False, True):
+        with LLM(hf_and_dir[1], skip_tokenizer_init=True, dtype="float32", disable_overlap_scheduler=not overlap,
+                 kv_cache_config=KvCacheConfig(tokens_per_block=8, max_tokens=2048)) as llm:
+            outs = llm.generate(PROMPTS, params, use_tqdm=False)
+            results.append([o.outputs[0].token_ids for o in outs])
+    assert results[0] == results[1]
+
+
+def test_pending_tokens_are_patched_on_the_device() -> None:
+    from rtllm.engine.logits_processors import LogitsParams, PendingTokens, process_logits
+
+    torch.manual_seed(0)
+    logits = torch.randn(3, 50)
+    params = [LogitsParams(repetition_penalty=1.7, presence_penalty=0.5, frequency_penalty=0.4,
+                           no_repeat_ngram_size=2)] * 3
+    prompts = [[1, 2, 3], [4, 5], [6]]
+    outputs = [[7, 8, 9], [10, 11], [12, 6]]
+    want = process_logits(logits.clone(), params, prompts, outputs)
+    placeholders = [o[:-1] + [-1] for o in outputs]
+    pending = PendingTokens([0, 2], torch.tensor([9, 6]))
+    got = process_logits(logits.clone(), params, prompts, [placeholders[0], outputs[1], placeholders[2]], pending)
+    torch.testing.assert_close(got, want)
