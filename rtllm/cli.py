@@ -27,6 +27,27 @@ def add_cache_and_scheduler_args(group: Any) -> None:
     group.add_argument("--capacity-scheduler-policy", default=None,
                        choices=["GUARANTEED_NO_EVICT", "MAX_UTILIZATION", "STATIC_BATCH"],
                        help="admission policy (default: GUARANTEED_NO_EVICT)")
+    group.add_argument("--quant-algo", default=None, metavar="ALGO",
+                       help="quantize the weights on load: W8A16, W4A16, W4A16_AWQ, W4A16_GPTQ, "
+                            "W8A16_GPTQ, FP8, FP8_PER_CHANNEL_PER_TOKEN, W8A8_SQ_PER_CHANNEL")
+    group.add_argument("--kv-cache-quant-algo", default=None, choices=["INT8", "FP8"],
+                       help="store the KV cache quantized")
+    group.add_argument("--quant-group-size", type=int, default=None,
+                       help="group size of groupwise weight quantization (default: 128)")
+
+
+def quant_config_of(args: argparse.Namespace) -> Any:
+    """The :class:`rtllm.quantization.QuantConfig` the command line asks for, or None."""
+    if args.quant_algo is None and args.kv_cache_quant_algo is None:
+        if args.quant_group_size is not None:
+            raise ValueError("--quant-group-size needs --quant-algo")
+        return None
+    from rtllm.quantization import QuantConfig
+
+    kwargs: dict[str, Any] = {"quant_algo": args.quant_algo, "kv_cache_quant_algo": args.kv_cache_quant_algo}
+    if args.quant_group_size is not None:
+        kwargs["group_size"] = args.quant_group_size
+    return QuantConfig(**kwargs)
 
 
 def cache_and_scheduler_kwargs(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -102,6 +123,7 @@ def build_llm(args: argparse.Namespace, **overrides: Any) -> Any:
         ),
         scheduler_config=SchedulerConfig(**sched),
         max_beam_width=args.max_beam_width or 1,
+        quant_config=quant_config_of(args),
         cuda_graph_config=graphs,
         disable_overlap_scheduler=True if args.disable_overlap_scheduler else None,
         **overrides,

@@ -347,9 +347,54 @@ def _int_from_staged(
 def quantized_linear_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Run quantized layer ``module`` on ``x`` ``[..., in]``.
 
-    DISPATCH POINT for the quantized GEMM kernels: on CUDA this is where the Triton
-    kernels of ``rtllm/kernels/quant_gemm.py`` will be called for the layer's layout
-    (see each layer's docstring); until they exist every device runs the layer's
-    PyTorch reference ``forward``, whose numerics the kernels must match.
+    On CUDA, weight-only int4/int8 layers run the Triton GEMMs of
+    :mod:`rtllm.kernels.quant_gemm` (dequantizing inside the kernel) and FP8 layers
+    ``torch._scaled_mm`` (:mod:`rtllm.kernels.fp8_linear`); elsewhere, and for the
+    layouts the kernels do not take (GGUF float zero points, group sizes that are not
+    a multiple of the kernel's block), the layer's PyTorch reference ``forward``.
+    The first CUDA call packs the weights into the kernel layout and frees the codes.
     """
+    if x.is_cuda:
+        if isinstance(module, WeightOnlyInt8Linear | WeightOnlyGroupwiseLinear):
+            packed = _packed_weight(module)
+            if packed is not None:
+                from rtllm.kernels.quant_gemm import quant_linear
+
+                if getattr(module, "pre_quant_scale", None) is not None:
+                    x = x * module.pre_quant_scale.to(x.dtype)
+                return quant_linear(x, packed, module.bias)
+        elif isinstance(module, Fp8Linear):
+            from rtllm.kernels.fp8_linear import fp8_linear, fp8_supported
+
+            if fp8_supported(x.device):
+                input_scale = getattr(module, "input_scale", None)
+                scale = module.weight_scale
+                scale = scale.reshape(-1) if scale.dim() else scale  # per channel: [out]
+                return fp8_linear(x, module.weight, scale, input_scale, module.bias)
     return module(x)
+
+
+def _packed_weight(module: nn.Module) -> object | None:
+    """The kernel-layout weights of a weight-only layer, packed on first use (None when
+    the kernels do not take its layout)."""
+    packed = getattr(module, "_packed", None)
+    if packed is not None or getattr(module, "_unpackable", False):
+        return packed
+    from rtllm.kernels.quant_gemm import prepack_int4, prepack_int8
+
+    if isinstance(module, WeightOnlyInt8Linear):
+        codes = (module.weight.to(torch.int16) + 128).to(torch.uint8)
+        zeros = torch.full_like(module.weight_scale, 128, dtype=torch.int32)
+        packed = prepack_int8(codes, zeros, module.weight_scale, -1)
+    else:
+        bits, group = module.bits, module.group_size
+        block = 32 if bits == 4 else 16
+        if module.weight_zero.is_floating_point() or (group != -1 and group % block):
+            module._unpackable = True
+            return None
+        prepack = prepack_int4 if bits == 4 else prepack_int8
+        packed = prepack(module.weight, module.weight_zero, module.weight_scale, group)
+    module._packed = packed
+    # The codes are not needed any more on this device: keep only the packed copy.
+    module.weight = nn.Parameter(module.weight.new_empty(0), requires_grad=False)
+    return packed

@@ -109,7 +109,7 @@ def _nested(data: dict[str, Any], key: str) -> dict[str, Any]:
 
 def llm_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """The keyword arguments of :class:`rtllm.LLM`: --config, then the command line."""
-    from rtllm.cli import cache_and_scheduler_kwargs
+    from rtllm.cli import cache_and_scheduler_kwargs, quant_config_of
     from rtllm.llmapi.llm_args import CudaGraphConfig, KvCacheConfig, SchedulerConfig
 
     kwargs = _load_config(args.config) if args.config else {}
@@ -128,6 +128,13 @@ def llm_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         value = getattr(args, dest)
         if value is not None:
             kv[field] = value
+    quant = quant_config_of(args)
+    if quant is not None:
+        kwargs["quant_config"] = quant
+    elif isinstance(kwargs.get("quant_config"), dict):
+        from rtllm.quantization import QuantConfig
+
+        kwargs["quant_config"] = QuantConfig(**kwargs["quant_config"])
     cli_kv, cli_sched = cache_and_scheduler_kwargs(args)
     kv.update(cli_kv)
     sched.update(cli_sched)

@@ -124,3 +124,14 @@ def test_reuse_host_tier_and_policy_options(tmp_path: Any) -> None:
 def test_max_beam_width_option() -> None:
     assert llm_kwargs(parse("--max-beam-width", "4"))["max_beam_width"] == 4
     assert "max_beam_width" not in llm_kwargs(parse())
+
+
+def test_quantization_options(tmp_path: Any) -> None:
+    kwargs = llm_kwargs(parse("--quant-algo", "W8A16", "--kv-cache-quant-algo", "INT8"))
+    assert kwargs["quant_config"].quant_algo == "W8A16"
+    assert kwargs["quant_config"].kv_cache_quant_algo == "INT8"
+    config = tmp_path / "q.yaml"
+    config.write_text("quant_config:\n  quant_algo: W4A16_GPTQ\n  group_size: 64\n")
+    assert llm_kwargs(parse("--config", str(config)))["quant_config"].group_size == 64
+    with pytest.raises(ValueError, match="quant_algo"):
+        llm_kwargs(parse("--quant-algo", "W3A16"))
