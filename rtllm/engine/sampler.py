@@ -98,12 +98,13 @@ def call_logits_processor(fn: Callable[..., Any], request: LlmRequest, row: torc
 
 
 def top_k_probs(scaled: torch.Tensor, ks: list[int]) -> torch.Tensor:
-    """Softmax over each row's ``k`` largest logits (a value tied with the k-th is kept too)."""
+    """Softmax over exactly each row's ``k`` largest logits (ties broken as ``topk`` does)."""
     device = scaled.device
     k = to_device(ks, torch.long, device).unsqueeze(1)
-    values = scaled.topk(max(ks), dim=-1).values
-    kth = values.gather(1, k - 1)
-    return scaled.masked_fill(scaled < kth, float("-inf")).softmax(dim=-1)
+    indices = scaled.topk(max(ks), dim=-1).indices
+    ranks = torch.arange(indices.shape[1], device=device).unsqueeze(0)
+    keep = torch.zeros_like(scaled, dtype=torch.bool).scatter_(1, indices, ranks < k)
+    return scaled.masked_fill(~keep, float("-inf")).softmax(dim=-1)
 
 
 class Sampler:

@@ -30,21 +30,24 @@ def model_dir(tmp_path_factory):
     return str(path)
 
 
-def greedy(model_dir: str, device: str, quant: QuantConfig) -> tuple[list[list[int]], list[object]]:
+def first_logits(model_dir: str, device: str, quant: QuantConfig) -> tuple[torch.Tensor, list[object]]:
+    """Logits of the first generated position of each prompt (teacher-forced: no divergence)."""
     with LLM(model_dir, device=device, dtype="float16" if device == "cuda" else "float32",
              skip_tokenizer_init=True, quant_config=quant,
              kv_cache_config=KvCacheConfig(tokens_per_block=16, max_tokens=2048)) as llm:
-        outs = llm.generate(PROMPTS, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True), use_tqdm=False)
+        params = SamplingParams(max_tokens=1, temperature=0, return_generation_logits=True)
+        outs = llm.generate(PROMPTS, params, use_tqdm=False)
         modules = [m for m in llm.executor.engine.runner.model.modules() if hasattr(m, "_packed")]
-        return [o.outputs[0].token_ids for o in outs], modules
+        return torch.cat([o.outputs[0].generation_logits.float() for o in outs]), modules
 
 
 @pytest.mark.parametrize("algo", ["W8A16", "W4A16_GPTQ", "W4A16", "FP8"])
 def test_quantized_kernels_match_the_cpu_reference(model_dir, algo):
     quant = QuantConfig(quant_algo=algo) if algo != "W4A16_GPTQ" else QuantConfig(quant_algo=algo, group_size=128)
-    on_gpu, packed = greedy(model_dir, "cuda", quant)
-    on_cpu, _ = greedy(model_dir, "cpu", quant)
+    on_gpu, packed = first_logits(model_dir, "cuda", quant)
+    on_cpu, _ = first_logits(model_dir, "cpu", quant)
     if algo != "FP8":
         assert packed, "no layer ran the packed-weight kernels"
-    agree = sum(a == b for ga, ca in zip(on_gpu, on_cpu, strict=True) for a, b in zip(ga, ca, strict=True))
-    assert agree >= 0.9 * sum(map(len, on_cpu)), (on_gpu, on_cpu)
+    # Same quantized weights; the GPU runs float16 activations, the CPU float32.
+    error = (on_gpu - on_cpu).abs().max() / on_cpu.std()
+    assert error < 0.05, error
