@@ -16,6 +16,7 @@ import logging
 import os
 import time
 from collections.abc import Iterable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -70,6 +71,31 @@ def iter_safetensors_weights(model_dir: str) -> Iterator[tuple[str, torch.Tensor
     """Yield ``(name, tensor)`` from every safetensors shard of ``model_dir``."""
     from safetensors import safe_open
 
+    for file in _safetensors_files(model_dir):
+        with safe_open(file, framework="pt") as f:
+            for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+                yield name, f.get_tensor(name)
+
+
+class LazyTensor:
+    """A safetensors tensor read on demand: whole (:meth:`materialize`) or a range of one
+    dimension (:meth:`narrow`, same signature as ``torch.Tensor.narrow``), so a
+    tensor-parallel rank reads only its own rows or columns from disk."""
+
+    def __init__(self, checkpoint_slice: Any) -> None:
+        self._slice = checkpoint_slice
+        self.shape = tuple(checkpoint_slice.get_shape())
+
+    def materialize(self) -> torch.Tensor:
+        return self._slice[:]
+
+    def narrow(self, dim: int, start: int, length: int) -> torch.Tensor:
+        index = [slice(None)] * len(self.shape)
+        index[dim] = slice(start, start + length)
+        return self._slice[tuple(index)]
+
+
+def _safetensors_files(model_dir: str) -> list[str]:
     index_path = os.path.join(model_dir, "model.safetensors.index.json")
     if os.path.isfile(index_path):
         with open(index_path) as f:
@@ -82,26 +108,41 @@ def iter_safetensors_weights(model_dir: str) -> Iterator[tuple[str, torch.Tensor
         files = sorted(glob.glob(os.path.join(model_dir, "*.safetensors")))
     if not files:
         raise FileNotFoundError(f"no *.safetensors weights found in {model_dir}")
-    for file in files:
+    return files
+
+
+def iter_safetensors_slices(model_dir: str) -> Iterator[tuple[str, LazyTensor]]:
+    """Yield ``(name, LazyTensor)`` for every checkpoint tensor; nothing is read until the
+    consumer narrows or materialises it (tensor/pipeline-parallel loading)."""
+    from safetensors import safe_open
+
+    for file in _safetensors_files(model_dir):
         with safe_open(file, framework="pt") as f:
             for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
-                yield name, f.get_tensor(name)
+                yield name, LazyTensor(f.get_slice(name))
 
 
-def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor | LazyTensor]]) -> None:
     """Copy checkpoint tensors (Hugging Face names) into ``model``'s parameters.
 
     Fused parameters are found through the model's ``packed_modules_mapping``.
     Raises if a parameter is left unloaded or a checkpoint tensor has no home.
+    :class:`LazyTensor` weights reach loaders of parameters marked ``takes_slices``
+    as they are (the loader reads its shard); others are read whole. A model with
+    ``owns_checkpoint_tensor(name)`` (a pipeline stage) skips tensors of other stages
+    without reading them.
     """
     params = dict(model.named_parameters())
     quantized = {name: m for name, m in model.named_modules() if isinstance(m, Linear) and m.is_quantized}
     packed = getattr(model, "packed_modules_mapping", {})
     tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
+    owns = getattr(model, "owns_checkpoint_tensor", None)
     loaded: set[str] = set()
     for name, tensor in weights:
         if "rotary_emb.inv_freq" in name:
             continue
+        if owns is not None and not owns(name):
+            continue  # another pipeline stage's tensor
         if tied and name == "lm_head.weight":
             continue  # the embedding is the head
         shard_id: object = None
@@ -112,6 +153,8 @@ def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]]) 
                 break
         module_name, _, suffix = target.rpartition(".")
         if module_name in quantized:
+            if isinstance(tensor, LazyTensor):
+                tensor = tensor.materialize()
             # Quantized layers stage every checkpoint tensor (float or packed) themselves.
             quantized[module_name].load_checkpoint_tensor(suffix, tensor, shard_id)
             continue
@@ -119,6 +162,12 @@ def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]]) 
         if param is None:
             raise ValueError(f"checkpoint tensor {name!r} matches no parameter of {type(model).__name__}")
         loader = getattr(param, "weight_loader", None)
+        if isinstance(tensor, LazyTensor):
+            if loader is not None and getattr(param, "takes_slices", False):
+                loader(param, tensor, shard_id)
+                loaded.add(target if shard_id is None else f"{target}#{shard_id}")
+                continue
+            tensor = tensor.materialize()
         tensor = tensor.to(param.dtype)
         if loader is None:
             if param.shape != tensor.shape:
@@ -227,14 +276,25 @@ def build_model(
     if load_format == "dummy":
         _fill_dummy(model, device, seed)
     elif is_gguf(model_path):
+        from rtllm.distributed.parallel_state import get_mapping
         from rtllm.models.gguf_loader import iter_gguf_weights
+
+        if get_mapping().world_size > 1:
+            raise NotImplementedError(
+                "GGUF models under tensor/pipeline parallelism are not supported yet; "
+                "use a safetensors checkpoint"
+            )
 
         keep = quant_config is not None and quant_config.keep_gguf_quantized
         load_weights(model, iter_gguf_weights(model_path, keep_quantized=keep))
     else:
         if quant_config is not None and quant_config.keep_gguf_quantized:
             raise ValueError("QuantConfig.from_gguf() (keep_gguf_quantized) needs a .gguf model")
-        load_weights(model, iter_safetensors_weights(model_path))
+        from rtllm.distributed.parallel_state import get_mapping
+
+        # A parallel rank reads only its own slices (and stage) of each tensor.
+        sliced = get_mapping().world_size > 1
+        load_weights(model, iter_safetensors_slices(model_path) if sliced else iter_safetensors_weights(model_path))
     if any(isinstance(m, Linear) and m.awaiting_calibration for m in model.modules()):
         from rtllm.quantization.smoothing import calibrate_and_quantize
 
