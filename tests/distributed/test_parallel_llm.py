@@ -1,0 +1,113 @@
+"""Tensor/pipeline parallelism on CPU (gloo, one worker process per rank) through
+``LLM(..., tensor_parallel_size=..., pipeline_parallel_size=...)``: greedy token ids
+identical to a single process, and a killed worker fails requests instead of hanging."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from rtllm import LLM, KvCacheConfig, SamplingParams
+from rtllm.executor.result import RequestError
+
+PROMPTS = [[5, 6, 7], list(range(20, 45)), [9], list(range(100, 112))]
+LATE_PROMPTS = [[17, 3, 250, 8], list(range(60, 70))]
+
+
+def _save_llama(path, num_key_value_heads: int) -> str:
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=255,  # not divisible by tp: the last rank's vocabulary shard is padded
+        hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=num_key_value_heads, max_position_embeddings=256, initializer_range=0.2,
+    )
+    LlamaForCausalLM(config).save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def gqa_model(tmp_path_factory) -> str:
+    return _save_llama(tmp_path_factory.mktemp("tp_gqa"), num_key_value_heads=2)  # 1 KV head per rank at tp=2
+
+
+@pytest.fixture(scope="module")
+def mqa_model(tmp_path_factory) -> str:
+    return _save_llama(tmp_path_factory.mktemp("tp_mqa"), num_key_value_heads=1)  # replicated at tp=2
+
+
+def _llm(path: str, tp: int = 1, pp: int = 1) -> LLM:
+    return LLM(
+        path, skip_tokenizer_init=True, tensor_parallel_size=tp, pipeline_parallel_size=pp,
+        kv_cache_config=KvCacheConfig(tokens_per_block=8, max_tokens=1024),
+    )
+
+
+def _params(n: int = 14) -> SamplingParams:
+    return SamplingParams(max_tokens=n, ignore_eos=True)
+
+
+def _reference(path: str) -> list[list[int]]:
+    with _llm(path) as llm:
+        outs = llm.generate(PROMPTS + LATE_PROMPTS, _params(), use_tqdm=False)
+    return [o.outputs[0].token_ids for o in outs]
+
+
+def _batch_and_late_arrivals(llm: LLM) -> list[list[int]]:
+    """All of PROMPTS at once, then LATE_PROMPTS while the first ones are generating."""
+    first = [llm.generate_async(p, _params(), streaming=True) for p in PROMPTS]
+    seen = 0
+    for out in first[1]:  # wait until the batch is mid-generation
+        seen += len(out.outputs[0].token_ids_diff)
+        if seen >= 3:
+            break
+    assert not first[1].finished
+    late = [llm.generate_async(p, _params()) for p in LATE_PROMPTS]
+    return [r.result(timeout=60).outputs[0].token_ids for r in first + late]
+
+
+def test_tp2_matches_tp1(gqa_model):
+    expected = _reference(gqa_model)
+    with _llm(gqa_model, tp=2) as llm:
+        assert len(llm.executor.worker_pids) == 2
+        assert _batch_and_late_arrivals(llm) == expected
+        with pytest.raises(ValueError, match="prompt token ids"):
+            llm.generate_async([300], _params())  # rank 0's validation reaches the caller
+        # The executor still works after a rejected request.
+        assert llm.generate(PROMPTS[0], _params()).outputs[0].token_ids == expected[0]
+
+
+def test_pp2_matches_tp1(gqa_model):
+    expected = _reference(gqa_model)
+    with _llm(gqa_model, pp=2) as llm:
+        assert _batch_and_late_arrivals(llm) == expected
+
+
+def test_tp2_pp2_with_replicated_kv_heads_matches_tp1(mqa_model):
+    expected = _reference(mqa_model)
+    with _llm(mqa_model, tp=2, pp=2) as llm:
+        outs = llm.generate(PROMPTS + LATE_PROMPTS, _params(), use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == expected
+
+
+def test_killed_worker_fails_requests_naming_its_rank(gqa_model):
+    with _llm(gqa_model, tp=2) as llm:
+        long_params = SamplingParams(max_tokens=200, ignore_eos=True)
+        results = [llm.generate_async(p, long_params, streaming=True) for p in PROMPTS[:2]]
+        seen = 0
+        for out in results[0]:
+            seen += len(out.outputs[0].token_ids_diff)
+            if seen >= 3:
+                break
+        os.kill(llm.executor.worker_pids[1], signal.SIGKILL)
+        start = time.monotonic()
+        for result in results:
+            with pytest.raises(RequestError, match="rank 1"):
+                result.result(timeout=30)
+        assert time.monotonic() - start < 30
+        with pytest.raises(RuntimeError, match="rank 1"):
+            llm.generate_async(PROMPTS[0], _params())
