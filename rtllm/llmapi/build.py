@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from rtllm.distributed.parallel_state import get_mapping
 from rtllm.engine.engine import Engine, EngineLimits
 from rtllm.engine.kv_cache.events import KVCacheEventBuffer
 from rtllm.engine.kv_cache.kv_cache_manager import KVCacheManager
@@ -48,11 +49,23 @@ def resolve_model_path(model: str | None) -> str:
     return default_model_path()
 
 
-def build_engine(args: LlmArgs) -> BuiltEngine:
-    """Load the model and tokenizer and wire up an :class:`Engine`."""
+def build_engine(args: LlmArgs, device: torch.device | None = None) -> BuiltEngine:
+    """Load the model and tokenizer and wire up an :class:`Engine`.
+
+    In a parallel worker (the process's :class:`~rtllm.distributed.Mapping` has
+    ``world_size > 1``) the model is this rank's shard, the KV cache holds its heads and
+    layers, and the runner is a :class:`~rtllm.distributed.dist_runner.DistributedRunner`
+    (rank 0 drives the engine; other ranks only follow its runner).
+    """
     path = resolve_model_path(args.model)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device is None:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     config = load_model_config(path)
+    mapping = get_mapping()
+    if mapping.world_size > 1:
+        from rtllm.distributed.dist_runner import check_parallel_support
+
+        check_parallel_support(args, device)
     dtype = resolve_dtype(args.dtype, config.checkpoint_dtype, device)
     max_seq_len = args.max_seq_len or config.max_position_embeddings
     if max_seq_len > config.max_position_embeddings:
@@ -70,11 +83,18 @@ def build_engine(args: LlmArgs) -> BuiltEngine:
     model = build_model(path, config, dtype, device, args.load_format, args.seed, quant_config)
     backend = "triton" if device.type == "cuda" else "torch"
     kv_dtype = kv_cache_dtype_of(quant_config)  # None: the model dtype
+    from rtllm.distributed.dist_runner import local_model_config
+
+    runner_config = local_model_config(config, mapping)  # this rank's heads and layers
     runner = ModelRunner(
-        model, config, dtype, device, args.kv_cache_config.tokens_per_block, backend, kv_dtype
+        model, runner_config, dtype, device, args.kv_cache_config.tokens_per_block, backend, kv_dtype
     )
     graph_sizes = _graph_batch_sizes(args, device)
-    num_blocks = _plan_kv_cache(runner, args, config, dtype, device, max_seq_len, graph_sizes)
+    num_blocks = _plan_kv_cache(runner, args, runner_config, dtype, device, max_seq_len, graph_sizes)
+    if mapping.world_size > 1:
+        from rtllm.distributed.dist_runner import DistributedRunner, agree_num_blocks
+
+        num_blocks = agree_num_blocks(num_blocks)
     runner.allocate_kv_cache(num_blocks)
     if graph_sizes:
         enable_padding = args.cuda_graph_config.enable_padding
@@ -85,7 +105,9 @@ def build_engine(args: LlmArgs) -> BuiltEngine:
         except RuntimeError:
             logger.warning("CUDA graph capture failed; generation steps run eagerly", exc_info=True)
             torch.cuda.synchronize(device)
-    kv_cache, kv_events = _build_kv_cache_manager(runner, args, config, dtype, num_blocks)
+    if mapping.world_size > 1:
+        runner = DistributedRunner(runner, mapping)
+    kv_cache, kv_events = _build_kv_cache_manager(runner, args, runner_config, dtype, num_blocks)
     scheduler = Scheduler(
         kv_cache,
         args.max_batch_size,

@@ -13,6 +13,7 @@ from tqdm import tqdm
 
 from rtllm.engine.stats import IterationStatsCollector
 from rtllm.executor.inproc_executor import InProcessExecutor
+from rtllm.executor.mp_executor import MultiProcessExecutor
 from rtllm.executor.request import GenerationRequest
 from rtllm.executor.result import GenerationResult
 from rtllm.llmapi.build import build_engine
@@ -51,7 +52,10 @@ class LLM:
         if unknown:
             raise ValueError(f"unknown LLM argument(s) {unknown}; allowed: {sorted(allowed)}")
         self.args = LlmArgs(model=model, tokenizer=tokenizer, **kwargs)
-        self._executor: InProcessExecutor | None = None
+        self._executor: InProcessExecutor | MultiProcessExecutor | None = None
+        if self.args.tensor_parallel_size * self.args.pipeline_parallel_size > 1:
+            self._start_workers()
+            return
         built = build_engine(self.args)
         self.model_config = built.model_config
         self.model_path = built.model_path
@@ -65,8 +69,26 @@ class LLM:
             built.engine, built.tokenizer, built.end_ids, kv_events=built.kv_events, iter_stats=iter_stats
         )
 
+    def _start_workers(self) -> None:
+        """Tensor/pipeline parallelism: the engine runs in one worker process per rank; this
+        process keeps the tokenizer and a proxy executor."""
+        from rtllm.executor.mp_executor import MultiProcessExecutor
+        from rtllm.llmapi.build import resolve_model_path
+        from rtllm.models.loader import load_model_config
+
+        self.model_path = resolve_model_path(self.args.model)
+        self.model_config = load_model_config(self.model_path)
+        self.tokenizer = None
+        if not self.args.skip_tokenizer_init:
+            from rtllm.llmapi.tokenizer import load_tokenizer
+
+            self.tokenizer = load_tokenizer(self.model_path, self.args.tokenizer)
+        self.dtype = self.args.dtype
+        self.device = self.args.device
+        self._executor = MultiProcessExecutor(self.args)
+
     @property
-    def executor(self) -> InProcessExecutor:
+    def executor(self) -> InProcessExecutor | MultiProcessExecutor:
         if self._executor is None:
             raise RuntimeError("the LLM has been shut down")
         return self._executor

@@ -190,6 +190,11 @@ class LlmArgs:
         quant_config: Quantization (:class:`rtllm.quantization.QuantConfig`) applied
             on load; None loads the checkpoint as it is (pre-quantized checkpoints
             carry their own ``quantization_config``).
+        tensor_parallel_size: Ranks sharing every layer (heads, MLP columns and the
+            vocabulary split over them).
+        pipeline_parallel_size: Stages of contiguous layers. With a world size
+            (tensor * pipeline) above 1 the LLM runs one worker process per rank on this
+            node (gloo on CPU, NCCL on GPU).
     """
 
     model: str | None = None
@@ -211,6 +216,8 @@ class LlmArgs:
     iter_stats_max_iterations: int | None = None
     max_beam_width: int = 1
     quant_config: QuantConfig | None = None
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
 
     def __post_init__(self) -> None:
         if self.cuda_graph_config is not None and not isinstance(self.cuda_graph_config, CudaGraphConfig):
@@ -224,6 +231,8 @@ class LlmArgs:
         _check_positive_int("max_seq_len", self.max_seq_len, allow_none=True)
         _check_positive_int("iter_stats_max_iterations", self.iter_stats_max_iterations, allow_none=True)
         _check_positive_int("max_beam_width", self.max_beam_width)
+        _check_positive_int("tensor_parallel_size", self.tensor_parallel_size)
+        _check_positive_int("pipeline_parallel_size", self.pipeline_parallel_size)
         if self.quant_config is not None and not isinstance(self.quant_config, QuantConfig):
             raise ValueError(f"quant_config must be a QuantConfig or None, got {type(self.quant_config).__name__}")
         if not isinstance(self.enable_iter_perf_stats, bool):
