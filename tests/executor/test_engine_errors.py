@@ -393,10 +393,10 @@ def test_failing_sampler_fails_only_the_request(llm: LLM, monkeypatch: pytest.Mo
     sampler = llm.executor.engine.sampler
     original = sampler.sample_async
 
-    def sample(logits: torch.Tensor, requests: list[Any]) -> torch.Tensor:
+    def sample(logits: torch.Tensor, requests: list[Any], pending: Any = None) -> Any:
         if any(r.prompt_token_ids[0] == MARKER for r in requests):
             raise ValueError("sampler exploded")
-        return original(logits, requests)
+        return original(logits, requests, pending)
 
     monkeypatch.setattr(sampler, "sample_async", sample)
     outs = [llm.generate_async(p, greedy(6)) for p in ([MARKER, 9], [15, 16], [MARKER, 8])]
