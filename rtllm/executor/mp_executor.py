@@ -17,6 +17,7 @@ import logging
 import logging.handlers
 import os
 import pickle
+import queue
 import shutil
 import socket
 import threading
@@ -83,9 +84,12 @@ class MultiProcessExecutor(GenerationExecutor):
         self._ready = False
         self._closed = False
         ctx = mp.get_context("spawn")
+        # Only workers write to this queue; its reader is a daemon thread never joined, so a
+        # worker killed mid-write cannot block this process (no QueueListener.stop()).
         self._log_queue = ctx.Queue()
-        self._log_listener = logging.handlers.QueueListener(self._log_queue, _Relay())
-        self._log_listener.start()
+        self._log_queue.cancel_join_thread()
+        self._log_stop = threading.Event()
+        threading.Thread(target=self._log_loop, name="rtllm-worker-logs", daemon=True).start()
         request_addr, response_addr, self._tmpdir = ipc.new_addresses()
         self._channel = ipc.Channel(request_addr, response_addr, bind=True)
         cfg = WorkerConfig(
@@ -180,9 +184,21 @@ class MultiProcessExecutor(GenerationExecutor):
         self._kill_workers()
         self._receiver.join(timeout=5)
         self._fail_all("the executor was shut down", reason="cancelled")
-        self._channel.close()
-        self._log_listener.stop()
+        if not self._receiver.is_alive():  # never close a socket another thread polls
+            self._channel.close()
+        self._log_stop.set()
         shutil.rmtree(self._tmpdir, ignore_errors=True)
+
+    def _log_loop(self) -> None:
+        relay = _Relay()
+        while not self._log_stop.is_set():
+            try:
+                record = self._log_queue.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            except (EOFError, OSError, ValueError):
+                return
+            relay.handle(record)
 
     # ---- receiver / watchdog thread -------------------------------------------------------
     def _receive_loop(self) -> None:
@@ -191,7 +207,7 @@ class MultiProcessExecutor(GenerationExecutor):
             dead = self._dead_worker()
             if dead is not None and (self._dead is None and not self._closed):
                 self._on_fault(dead)
-            if self._closed and all(not p.is_alive() for p in self.processes):
+            if self._closed:
                 return
             if comm_failure_at is not None and time.monotonic() - comm_failure_at > 10 and self._dead is None:
                 self._on_fault("rank 0: a collective failed but no worker exited")
