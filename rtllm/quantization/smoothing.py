@@ -22,10 +22,9 @@ consumer               where ``1 / s`` is applied
 statistics come from one pass of the float model (AutoAWQ re-runs each block after
 quantizing the previous one; rtllm does not, a simplification).
 
-AWQ's search (per layer, fused layers as one): ``s = amax**alpha`` normalised by
-``sqrt(max(s) * min(s))``, for ``alpha`` in ``AWQ_ALPHA_GRID``, keeping the ``s`` whose
-fake-quantized ``Q(W * s) / s`` gives the smallest mean squared output error on the
-sampled calibration inputs (``alpha = 0`` is plain round-to-nearest).
+AWQ's searches (per layer, fused layers as one; :mod:`rtllm.quantization.awq`): the
+scale ``s`` minimising the layer's output error, then (``awq.AWQ_CLIP``, off by
+default) each group's weight clipping range on ``W * s`` and inputs ``x / s``.
 """
 
 from __future__ import annotations
@@ -38,7 +37,9 @@ import torch
 from torch import nn
 
 from rtllm.layers.linear import Linear
+from rtllm.quantization import awq as awq_module
 from rtllm.quantization.act_quant import smoothing_scale
+from rtllm.quantization.awq import awq_search_clip, awq_search_scale, fake_quantize
 from rtllm.quantization.calibration import (
     ActivationStats,
     calibration_samples,
@@ -48,7 +49,7 @@ from rtllm.quantization.config import QuantAlgo, QuantConfig
 
 logger = logging.getLogger(__name__)
 
-AWQ_ALPHA_GRID = tuple(i / 10 for i in range(11))
+__all__ = ["LayerCalibration", "calibrate_and_quantize", "fake_quantize", "smooth_model"]
 
 
 @dataclass(slots=True)
@@ -57,47 +58,6 @@ class LayerCalibration:
 
     pre_quant_scale: torch.Tensor | None = None  # [in], multiplies the layer's input
     input_amax: float | None = None  # largest |x| (static FP8 input scale)
-
-
-def fake_quantize(weight: torch.Tensor, config: QuantConfig) -> torch.Tensor:
-    """``dequantize(quantize(weight))`` for the groupwise int4 AWQ layout.
-
-    The same arithmetic as :func:`quantize_groupwise_asymmetric` /
-    :func:`quantize_groupwise_symmetric` then :func:`dequantize` (a test checks it), in
-    fewer passes and without their input checks: the search calls it many times.
-    """
-    out_features, in_features = weight.shape
-    group = in_features if config.weight_group_size == -1 else config.weight_group_size
-    w = weight.float().reshape(out_features, in_features // group, group)
-    if config.has_zero_point:
-        lo = w.amin(dim=2, keepdim=True).clamp(max=0.0)
-        span = w.amax(dim=2, keepdim=True).clamp(min=0.0) - lo
-        scale = torch.where(span > 0, span / 15, torch.ones_like(span))
-        zero = torch.round(-lo / scale).clamp_(0, 15)
-        q = (torch.round(w / scale) + zero).clamp_(0, 15)
-        return ((q - zero) * scale).reshape(weight.shape)
-    amax = w.abs().amax(dim=2, keepdim=True)
-    scale = torch.where(amax > 0, amax / 7, torch.ones_like(amax))
-    return (torch.round(w / scale).clamp_(-8, 7) * scale).reshape(weight.shape)
-
-
-def awq_search_scale(
-    weight: torch.Tensor, stats: ActivationStats, amax: torch.Tensor, config: QuantConfig
-) -> torch.Tensor:
-    """The AWQ scale ``s`` ``[in]`` with the smallest output error (see module doc)."""
-    w = weight.float()
-    x = stats.rows.to(w.device)
-    reference = x @ w.t()
-    base = amax.float().to(w.device).clamp(min=1e-4)
-    best_err, best_scale, best_alpha = float("inf"), torch.ones_like(base), 0.0
-    for alpha in AWQ_ALPHA_GRID:
-        s = base.pow(alpha)
-        s = s / (s.max() * s.min()).sqrt()
-        err = float((x @ (fake_quantize(w * s, config) / s).t() - reference).pow(2).mean())
-        if err < best_err:
-            best_err, best_scale, best_alpha = err, s, alpha
-    logger.debug("AWQ alpha %.1f, mse %.3g", best_alpha, best_err)
-    return best_scale
 
 
 def _kv_group_amax(amax: torch.Tensor, num_heads: int, num_kv_heads: int) -> torch.Tensor:
@@ -147,12 +107,18 @@ def smooth_model(
             if linear.prefix not in stats or linear.weight is None:
                 continue
             layer_stats = stats[linear.prefix]
-            amax = layer_stats.amax
             awq = config.quant_algo == QuantAlgo.W4A16_AWQ
+            amax = layer_stats.amax
             if awq and linear is attn.o_proj and not config.pre_quant_scale:
                 amax = _kv_group_amax(amax, mc.num_attention_heads, mc.num_key_value_heads)
             s = _scale_for(config, linear, layer_stats, amax)
             linear.weight.data *= s.to(linear.weight.dtype)
+            if awq and awq_module.AWQ_CLIP:
+                x = layer_stats.rows.to(s.device) / s
+                first = 0
+                if linear is attn.qkv_proj and not awq_module.CLIP_QK:
+                    first = attn.qkv_proj.q_size + attn.qkv_proj.kv_size
+                awq_search_clip(linear.weight.data, x, config, slice(first, linear.out_features))
             foldable = producer is not None and awq and producer[0].weight is not None
             if config.pre_quant_scale or (norm is None and not foldable):
                 result[linear.prefix].pre_quant_scale = (1.0 / s).float()

@@ -270,3 +270,28 @@ def test_awq_fake_quantize_matches_the_quantizers(zero_point):
     else:
         expected = dequantize(*quantize_groupwise_symmetric(w, 64, 4))
     assert torch.equal(fake_quantize(w, config), expected)
+
+
+@pytest.mark.parametrize("zero_point", [True, False])
+def test_awq_clip_search_lowers_output_error(zero_point):
+    """The clipping search keeps each group's range or shrinks it and never raises a
+    group's in-sample contribution to the output error."""
+    from rtllm.quantization.awq import AWQ_CLIP_GRID, awq_search_clip, fake_quantize
+
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(48, 128, generator=gen)
+    w[:, 3] *= 8.0  # outlier weights: clipping pays off in their groups
+    x = torch.randn(96, 128, generator=gen)
+    config = QuantConfig(quant_algo="W4A16_AWQ", group_size=64, has_zero_point=zero_point)
+    clipped = w.clone()
+    ratios = awq_search_clip(clipped, x, config, slice(16, 48))
+    assert ratios.shape == (32, 2)
+    assert all(min(abs(r - g) for g in AWQ_CLIP_GRID) < 1e-6 for r in ratios.unique().tolist())
+    assert torch.equal(clipped[:16], w[:16])  # rows outside the slice are untouched
+    assert (clipped.abs() <= w.abs()).all() and (ratios < 1).any()
+    def group_err(q: torch.Tensor) -> torch.Tensor:  # [out, G]: what the search minimises
+        diff = (q - w).view(48, 2, 64)
+        return torch.einsum("ngk,ogk->ogn", x.view(-1, 2, 64), diff).pow(2).mean(dim=2)
+
+    before, after = group_err(fake_quantize(w, config)), group_err(fake_quantize(clipped, config))
+    assert (after[16:] <= before[16:] * (1 + 1e-5)).all() and (after[16:] < before[16:]).any()
