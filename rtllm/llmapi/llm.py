@@ -7,18 +7,20 @@ import dataclasses
 import logging
 import math
 from collections.abc import AsyncIterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tqdm import tqdm
 
 from rtllm.engine.stats import IterationStatsCollector
 from rtllm.executor.inproc_executor import InProcessExecutor
-from rtllm.executor.mp_executor import MultiProcessExecutor
 from rtllm.executor.request import GenerationRequest
 from rtllm.executor.result import GenerationResult
 from rtllm.llmapi.build import build_engine
 from rtllm.llmapi.llm_args import LlmArgs
 from rtllm.sampling_params import SamplingParams
+
+if TYPE_CHECKING:  # the multi-process executor (zmq, msgspec) loads only when used
+    from rtllm.executor.mp_executor import MultiProcessExecutor
 
 logger = logging.getLogger(__name__)
 
