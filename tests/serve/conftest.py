@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import torch
-from serve_helpers import make_llm, save_tiny_model
+from serve_helpers import SERVED_NAME, make_llm, save_tiny_model
 
 from rtllm import LLM
+from rtllm.serve import build_app
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -34,3 +36,25 @@ def llm(model_dir: str) -> Iterator[LLM]:
     llm = make_llm(model_dir)
     yield llm
     llm.shutdown()
+
+
+@pytest.fixture(scope="module")
+def app(llm: LLM) -> Any:
+    """The server app over the shared LLM (its own metrics registry per test module)."""
+    return build_app(llm, SERVED_NAME)
+
+
+@pytest.fixture
+def submissions(llm: LLM, monkeypatch: pytest.MonkeyPatch) -> Iterator[list[Any]]:
+    """Every request that got into the executor's inbox during the test."""
+    accepted: list[Any] = []
+    executor = llm.executor
+    original = executor.submit
+
+    def spy(request: Any) -> Any:
+        result = original(request)
+        accepted.append(request)
+        return result
+
+    monkeypatch.setattr(executor, "submit", spy)
+    yield accepted

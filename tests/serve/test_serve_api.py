@@ -8,12 +8,6 @@ import pytest
 from serve_helpers import MAX_SEQ_LEN, SERVED_NAME, call, sse_events
 
 from rtllm import LLM, SamplingParams
-from rtllm.serve import build_app
-
-
-@pytest.fixture(scope="module")
-def app(llm: LLM) -> Any:
-    return build_app(llm, SERVED_NAME)
 
 
 def complete(app: Any, **body: Any) -> dict[str, Any]:

@@ -2,39 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from serve_helpers import MAX_SEQ_LEN, SERVED_NAME, call, make_llm
 
-from rtllm import LLM
 from rtllm.serve import build_app
 from rtllm.serve.sampling import engine_refuses
 
 _HELLO = {"prompt": "Hello"}
 _CHAT = {"messages": [{"role": "user", "content": "Hi"}]}
-
-
-@pytest.fixture(scope="module")
-def app(llm: LLM) -> Any:
-    return build_app(llm, SERVED_NAME)
-
-
-@pytest.fixture
-def submissions(llm: LLM, monkeypatch: pytest.MonkeyPatch) -> Iterator[list[Any]]:
-    """Every request that got into the executor's inbox during the test."""
-    accepted: list[Any] = []
-    executor = llm.executor
-    original = executor.submit
-
-    def spy(request: Any) -> Any:
-        result = original(request)
-        accepted.append(request)
-        return result
-
-    monkeypatch.setattr(executor, "submit", spy)
-    yield accepted
 
 
 def assert_error(response: Any, param: str | None, *words: str, status: int = 400) -> dict[str, Any]:

@@ -6,10 +6,9 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from serve_helpers import SERVED_NAME, call, sse_events
+from serve_helpers import call, sse_events
 
 from rtllm import LLM, SamplingParams
-from rtllm.serve import build_app
 from rtllm.serve.logprobs import LOGPROB_FLOOR
 from rtllm.serve.sampling import engine_refuses
 
@@ -17,11 +16,6 @@ _PROMPT = "Once upon a time"
 _CHAT = {"messages": [{"role": "user", "content": "Tell me a story"}]}
 # Seeded sampling: the generated token is often not the likeliest one.
 _SAMPLED = {"temperature": 1.0, "seed": 11, "max_tokens": 10, "ignore_eos": True}
-
-
-@pytest.fixture(scope="module")
-def app(llm: LLM) -> Any:
-    return build_app(llm, SERVED_NAME)
 
 
 @pytest.fixture

@@ -170,11 +170,6 @@ def test_bad_values_raise_with_the_param(body: dict[str, Any], param: str) -> No
 # ---- over HTTP -------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def app(llm: LLM) -> Any:
-    return build_app(llm, SERVED_NAME)
-
-
 @pytest.fixture
 def submitted(llm: LLM, monkeypatch: pytest.MonkeyPatch) -> Iterator[list[Any]]:
     """(request, result) of everything that reached the executor during the test."""

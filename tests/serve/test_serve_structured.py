@@ -8,15 +8,13 @@ import json
 import re
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import jsonschema
 import pytest
-from serve_helpers import SERVED_NAME, call, run, sse_events
+from serve_helpers import call, run, sse_events
 
 from rtllm import LLM, GuidedDecodingParams, SamplingParams
-from rtllm.serve import build_app
 from rtllm.serve.generation import Prompt
 
 _CHAT = {"messages": [{"role": "user", "content": "Describe a person as JSON"}]}
@@ -36,27 +34,6 @@ SCHEMA = {
     "required": ["name", "age", "color", "tags"],
     "additionalProperties": False,
 }
-
-
-@pytest.fixture(scope="module")
-def app(llm: LLM) -> Any:
-    return build_app(llm, SERVED_NAME)
-
-
-@pytest.fixture
-def submissions(llm: LLM, monkeypatch: pytest.MonkeyPatch) -> Iterator[list[Any]]:
-    """Every request that got into the executor's inbox during the test."""
-    accepted: list[Any] = []
-    executor = llm.executor
-    original = executor.submit
-
-    def spy(request: Any) -> Any:
-        result = original(request)
-        accepted.append(request)
-        return result
-
-    monkeypatch.setattr(executor, "submit", spy)
-    yield accepted
 
 
 def outputs(app: Any, path: str, body: dict[str, Any], stream: bool) -> list[str]:
