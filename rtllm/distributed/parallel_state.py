@@ -22,7 +22,14 @@ logger = logging.getLogger(__name__)
 
 _MAPPING = Mapping()
 _TP_GROUP: dist.ProcessGroup | None = None
+# The control plane (step commands, schedules) always runs on gloo over CPU tensors, so
+# a follower reads rank 0's command without synchronising its GPU (with NCCL the data
+# plane, activations and token ids, stays on the GPUs).
+_CONTROL_GROUP: dist.ProcessGroup | None = None
 _DEVICE = torch.device("cpu")
+# Sends still in flight (isend works with the tensors they keep alive), waited for by
+# wait_sends() at the end of every step.
+_PENDING_SENDS: list[tuple[dist.Work, torch.Tensor]] = []
 
 DEFAULT_TIMEOUT_S = 120.0
 
@@ -55,7 +62,7 @@ def init_distributed(
     ``tcp://host:port`` rendezvous. ``timeout_s`` bounds the rendezvous and every
     collective, so a peer that vanished makes the others fail instead of hanging.
     """
-    global _TP_GROUP, _DEVICE
+    global _TP_GROUP, _CONTROL_GROUP, _DEVICE
     if "://" not in init_method:
         raise ValueError(f"init_method must be a URL such as tcp://127.0.0.1:29500, got {init_method!r}")
     backend = "nccl" if device.type == "cuda" else "gloo"
@@ -71,6 +78,7 @@ def init_distributed(
         group = dist.new_group(ranks, timeout=timeout, backend=backend)
         if mapping.rank in ranks:
             _TP_GROUP = group
+    _CONTROL_GROUP = dist.new_group(timeout=timeout, backend="gloo") if backend != "gloo" else None
     _DEVICE = device
     set_mapping(mapping)
     logger.info(
@@ -81,10 +89,11 @@ def init_distributed(
 
 def destroy_distributed() -> None:
     """Leave the process groups (safe to call when none were created)."""
-    global _TP_GROUP
+    global _TP_GROUP, _CONTROL_GROUP
     if dist.is_initialized():
         dist.destroy_process_group()
-    _TP_GROUP = None
+    _TP_GROUP = _CONTROL_GROUP = None
+    _PENDING_SENDS.clear()
     set_mapping(Mapping())
 
 
@@ -100,14 +109,27 @@ def tp_all_gather(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """Concatenate ``x`` of every tensor rank along ``dim``, in rank order (no-op at tp_size=1)."""
     if _MAPPING.tp_size == 1:
         return x
-    parts = [torch.empty_like(x) for _ in range(_MAPPING.tp_size)]
-    dist.all_gather(parts, x.contiguous(), group=_TP_GROUP)
-    return torch.cat(parts, dim=dim)
+    dim = dim % x.dim()
+    # One collective into one buffer (graph-capturable), then ranks moved next to dim.
+    x = x.contiguous()
+    out = x.new_empty((_MAPPING.tp_size * x.shape[0], *x.shape[1:]))
+    dist.all_gather_into_tensor(out, x, group=_TP_GROUP)
+    return out.view(_MAPPING.tp_size, *x.shape).movedim(0, dim).flatten(dim, dim + 1)
 
 
 def send(x: torch.Tensor, dst: int) -> None:
-    """Send a tensor to global rank ``dst`` (pipeline activations, logits)."""
-    dist.send(x.contiguous(), dst)
+    """Send a tensor to global rank ``dst`` without waiting (pipeline activations,
+    logits); the send completes by :func:`wait_sends`. Non-blocking so a stage goes on
+    to its next micro-batch while the previous one travels."""
+    x = x.contiguous()
+    _PENDING_SENDS.append((dist.isend(x, dst), x))
+
+
+def wait_sends() -> None:
+    """Wait for every send started by :func:`send` (end of a step)."""
+    while _PENDING_SENDS:
+        work, _ = _PENDING_SENDS.pop(0)
+        work.wait()
 
 
 def recv(shape: tuple[int, ...], dtype: torch.dtype, src: int) -> torch.Tensor:
@@ -118,6 +140,12 @@ def recv(shape: tuple[int, ...], dtype: torch.dtype, src: int) -> torch.Tensor:
 
 
 def broadcast(x: torch.Tensor, src: int = 0) -> torch.Tensor:
-    """Broadcast ``x`` from ``src`` to the whole world (in place)."""
+    """Broadcast ``x`` from ``src`` to the whole world (in place; data plane)."""
     dist.broadcast(x, src)
+    return x
+
+
+def control_broadcast(x: torch.Tensor, src: int = 0) -> torch.Tensor:
+    """Broadcast a CPU tensor from ``src`` over the control plane (gloo), in place."""
+    dist.broadcast(x, src, group=_CONTROL_GROUP)
     return x

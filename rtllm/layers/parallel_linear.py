@@ -18,6 +18,12 @@ Weight loaders receive the *full* checkpoint tensor or a lazy safetensors slice
 ``narrow(dim, start, length)``, and the loaders only ever read the rank's part, so a
 rank never materialises a whole sharded tensor. Parameters that accept lazy slices
 carry ``takes_slices = True``.
+
+Quantized layers (a ``quant_config``) stage the rank's slice of each float
+checkpoint tensor and quantize it (see :mod:`rtllm.layers.linear`): every rank
+quantizes its own shard, so per-channel and groupwise scales are those of the shard
+(a row-parallel rank's groups lie inside its input columns: ``group_size`` must divide
+them). Pre-quantized checkpoints and calibrating algorithms are not sharded yet.
 """
 
 from __future__ import annotations
@@ -30,6 +36,8 @@ from torch import nn
 
 from rtllm.distributed.parallel_state import get_mapping, tp_all_gather, tp_all_reduce
 from rtllm.layers.linear import Linear, default_weight_loader
+from rtllm.quantization import linear_method
+from rtllm.quantization.config import QuantConfig
 
 
 def _divide(total: int, parts: int, what: str) -> int:
@@ -50,20 +58,58 @@ def _mark_sliced(module: nn.Module) -> None:
         param.takes_slices = True
 
 
+def _check_float_checkpoint_tensor(prefix: str, suffix: str, tensor: torch.Tensor | None = None) -> None:
+    """Quantized tensor-parallel layers shard float checkpoints only (quantized on load)."""
+    if suffix not in ("weight", "bias") or (
+        tensor is not None and (not tensor.is_floating_point() or tensor.dtype.itemsize == 1)
+    ):
+        raise NotImplementedError(
+            f"{prefix}.{suffix}: pre-quantized checkpoints under tensor parallelism are not supported yet; "
+            "load the float checkpoint with a quant_config to quantize each rank's shard on load"
+        )
+
+
 class _ShardedOutputLinear(Linear):
     """Column-parallel base: shard ``s`` fills local rows ``[local_start, +size)`` from
-    checkpoint rows ``[ckpt_start, +size)`` of that shard's tensor."""
+    checkpoint rows ``[ckpt_start, +size)`` of that shard's tensor.
+
+    ``shard_names`` are the checkpoint modules of fused shards (for ``exclude_modules``).
+    """
+
+    stages_slices = True  # load_checkpoint_tensor reads its part of a lazy slice
 
     def __init__(
-        self, in_features: int, plan: dict[object, tuple[int, int, int]], bias: bool, prefix: str
+        self,
+        in_features: int,
+        plan: dict[object, tuple[int, int, int]],
+        bias: bool,
+        prefix: str,
+        quant_config: QuantConfig | None = None,
+        shard_names: list[str] | None = None,
     ) -> None:
         self._plan = plan
+        self._shard_names = shard_names
         out_features = sum(size for _, size, _ in plan.values())
-        super().__init__(in_features, out_features, bias, None, prefix)
+        super().__init__(in_features, out_features, bias, quant_config, prefix)
         _mark_sliced(self)
 
     def shard_ids(self) -> list[object]:
         return list(self._plan)
+
+    def checkpoint_names(self) -> list[str]:
+        if self._shard_names is None:
+            return [self.prefix]
+        parent = self.prefix.rsplit(".", 1)[0] + "." if "." in self.prefix else ""
+        return [parent + name for name in self._shard_names]
+
+    def load_checkpoint_tensor(self, suffix: str, tensor: Any, shard_id: object) -> None:
+        _check_float_checkpoint_tensor(self.prefix, suffix)
+        if shard_id not in self._plan:
+            raise ValueError(f"{self.prefix}: unknown shard {shard_id!r}; expected {list(self._plan)}")
+        _, size, ckpt_start = self._plan[shard_id]
+        part = _read(tensor, 0, ckpt_start, size)
+        _check_float_checkpoint_tensor(self.prefix, suffix, part)
+        super().load_checkpoint_tensor(suffix, part, shard_id)
 
     def shard_rows(self, shard_id: object) -> tuple[int, int]:
         local_start, size, _ = self._plan[shard_id]
@@ -80,10 +126,17 @@ class _ShardedOutputLinear(Linear):
 class ColumnParallelLinear(_ShardedOutputLinear):
     """``y_r = x W_r^T``: rank ``r`` computes its block of the output features."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = False, prefix: str = "") -> None:
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = False,
+        prefix: str = "",
+        quant_config: QuantConfig | None = None,
+    ) -> None:
         m = get_mapping()
         size = _divide(out_features, m.tp_size, f"{prefix} out_features")
-        super().__init__(in_features, {None: (0, size, m.tp_rank * size)}, bias, prefix)
+        super().__init__(in_features, {None: (0, size, m.tp_rank * size)}, bias, prefix, quant_config)
 
 
 class MergedColumnParallelLinear(_ShardedOutputLinear):
@@ -91,7 +144,14 @@ class MergedColumnParallelLinear(_ShardedOutputLinear):
     its block of every shard, shards kept in order."""
 
     def __init__(
-        self, in_features: int, output_sizes: list[int], shard_ids: list[object], bias: bool = False, prefix: str = ""
+        self,
+        in_features: int,
+        output_sizes: list[int],
+        shard_ids: list[object],
+        bias: bool = False,
+        prefix: str = "",
+        quant_config: QuantConfig | None = None,
+        shard_names: list[str] | None = None,
     ) -> None:
         if len(output_sizes) != len(shard_ids):
             raise ValueError("output_sizes and shard_ids must have the same length")
@@ -102,7 +162,7 @@ class MergedColumnParallelLinear(_ShardedOutputLinear):
             size = _divide(total, m.tp_size, f"{prefix} output size of shard {shard_id!r}")
             plan[shard_id] = (start, size, m.tp_rank * size)
             start += size
-        super().__init__(in_features, plan, bias, prefix)
+        super().__init__(in_features, plan, bias, prefix, quant_config, shard_names)
 
 
 def kv_head_range(num_kv_heads: int, tp_size: int, tp_rank: int) -> tuple[int, int]:
@@ -130,7 +190,14 @@ class QKVParallelLinear(_ShardedOutputLinear):
     the rank's local values."""
 
     def __init__(
-        self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool = False, prefix: str = ""
+        self,
+        hidden_size: int,
+        head_dim: int,
+        num_heads: int,
+        num_kv_heads: int,
+        bias: bool = False,
+        prefix: str = "",
+        quant_config: QuantConfig | None = None,
     ) -> None:
         m = get_mapping()
         self.num_heads = _divide(num_heads, m.tp_size, f"{prefix} num_attention_heads")
@@ -142,7 +209,7 @@ class QKVParallelLinear(_ShardedOutputLinear):
             "k": (self.q_size, self.kv_size, kv_first * head_dim),
             "v": (self.q_size + self.kv_size, self.kv_size, kv_first * head_dim),
         }
-        super().__init__(hidden_size, plan, bias, prefix)
+        super().__init__(hidden_size, plan, bias, prefix, quant_config, ["q_proj", "k_proj", "v_proj"])
 
 
 class RowParallelLinear(Linear):
@@ -150,12 +217,32 @@ class RowParallelLinear(Linear):
     partial products are all-reduced over the TP group; the bias is added after the
     reduction (once, not ``tp_size`` times)."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = False, prefix: str = "") -> None:
+    stages_slices = True  # load_checkpoint_tensor reads its part of a lazy slice
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = False,
+        prefix: str = "",
+        quant_config: QuantConfig | None = None,
+    ) -> None:
         m = get_mapping()
         self.tp_rank = m.tp_rank
         local = _divide(in_features, m.tp_size, f"{prefix} in_features")
-        super().__init__(local, out_features, bias, None, prefix)
+        if bias and linear_method.layer_quant_config(quant_config, [prefix]) is not None:
+            raise NotImplementedError(
+                f"{prefix}: a quantized row-parallel layer with a bias is not supported yet"
+            )
+        super().__init__(local, out_features, bias, quant_config, prefix)
         _mark_sliced(self)
+
+    def load_checkpoint_tensor(self, suffix: str, tensor: Any, shard_id: object) -> None:
+        _check_float_checkpoint_tensor(self.prefix, suffix)
+        local = self.in_features
+        part = _read(tensor, 1, self.tp_rank * local, local)
+        _check_float_checkpoint_tensor(self.prefix, suffix, part)
+        super().load_checkpoint_tensor(suffix, part, shard_id)
 
     def weight_loader(self, param: nn.Parameter, loaded: Any, shard_id: object = None) -> None:
         if param is self.bias:  # replicated
@@ -165,7 +252,13 @@ class RowParallelLinear(Linear):
         default_weight_loader(param, _read(loaded, 1, self.tp_rank * local, local).to(param.dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = tp_all_reduce(F.linear(x, self.weight))
+        if self.quant is not None:
+            partial = linear_method.quantized_linear_forward(self.quant, x)
+        elif self.weight is None:
+            raise RuntimeError(f"{self.prefix}: quantized layer used before its weights were loaded")
+        else:
+            partial = F.linear(x, self.weight)
+        out = tp_all_reduce(partial)
         return out if self.bias is None else out + self.bias
 
 

@@ -53,11 +53,11 @@ class LlamaAttention(nn.Module):
         if parallel_state.get_mapping().tp_size > 1:
             self.qkv_proj = QKVParallelLinear(
                 config.hidden_size, self.head_dim, config.num_attention_heads, config.num_key_value_heads,
-                bias=config.attention_bias, prefix=f"{prefix}.qkv_proj",
+                bias=config.attention_bias, prefix=f"{prefix}.qkv_proj", quant_config=quant_config,
             )
             self.o_proj = RowParallelLinear(
                 config.num_attention_heads * self.head_dim, config.hidden_size,
-                bias=config.attention_output_bias, prefix=f"{prefix}.o_proj",
+                bias=config.attention_output_bias, prefix=f"{prefix}.o_proj", quant_config=quant_config,
             )
             # The rank's own heads (KV heads replicated when fewer than ranks).
             self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
@@ -109,9 +109,13 @@ class LlamaMLP(nn.Module):
         size = config.intermediate_size
         if parallel_state.get_mapping().tp_size > 1:
             self.gate_up_proj = MergedColumnParallelLinear(
-                config.hidden_size, [size, size], [0, 1], bias=config.mlp_bias, prefix=f"{prefix}.gate_up_proj"
+                config.hidden_size, [size, size], [0, 1], bias=config.mlp_bias, prefix=f"{prefix}.gate_up_proj",
+                quant_config=quant_config, shard_names=["gate_proj", "up_proj"],
             )
-            self.down_proj = RowParallelLinear(size, config.hidden_size, bias=config.mlp_bias, prefix=f"{prefix}.down_proj")
+            self.down_proj = RowParallelLinear(
+                size, config.hidden_size, bias=config.mlp_bias, prefix=f"{prefix}.down_proj",
+                quant_config=quant_config,
+            )
         else:
             self.gate_up_proj = MergedLinear(
                 config.hidden_size, [size, size], [0, 1], bias=config.mlp_bias,
@@ -231,8 +235,6 @@ class LlamaForCausalLM(nn.Module):
         # stay float (TensorRT-LLM's default too), so tied embeddings stay tied.
         super().__init__()
         mapping = parallel_state.get_mapping()
-        if quant_config is not None and mapping.world_size > 1:
-            raise NotImplementedError("quantized models under tensor/pipeline parallelism are not supported yet")
         if config.tie_word_embeddings and mapping.pp_size > 1:
             raise NotImplementedError(
                 "tied word embeddings under pipeline parallelism are not supported yet (the last stage "

@@ -153,7 +153,7 @@ def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor | L
                 break
         module_name, _, suffix = target.rpartition(".")
         if module_name in quantized:
-            if isinstance(tensor, LazyTensor):
+            if isinstance(tensor, LazyTensor) and not getattr(quantized[module_name], "stages_slices", False):
                 tensor = tensor.materialize()
             # Quantized layers stage every checkpoint tensor (float or packed) themselves.
             quantized[module_name].load_checkpoint_tensor(suffix, tensor, shard_id)

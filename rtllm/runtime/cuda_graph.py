@@ -93,15 +93,19 @@ class CudaGraphRunner:
             self.memory_bytes / 2**20,
         )
 
-    def run(self, step, token_sources) -> torch.Tensor:  # noqa: ANN001
-        """Replay the graph for a generation-only ``step``; returns float32 logits."""
+    def run(self, step, token_sources, input_ids: torch.Tensor | None = None) -> torch.Tensor:  # noqa: ANN001
+        """Replay the graph for a generation-only ``step``; returns float32 logits.
+
+        ``input_ids``, a device tensor, replaces ``step.input_ids`` (a parallel
+        follower receives its ids on the device)."""
         from rtllm.runtime.model_runner import apply_token_sources
         from rtllm.runtime.transfer import to_device
 
         num = len(step.input_ids)
         size = self.batch_sizes[bisect.bisect_left(self.batch_sizes, num)]
         device = self.runner.device
-        self.input_ids[:num].copy_(to_device(step.input_ids, torch.long, device), non_blocking=True)
+        ids = to_device(step.input_ids, torch.long, device) if input_ids is None else input_ids
+        self.input_ids[:num].copy_(ids, non_blocking=True)
         self.positions[:num].copy_(to_device(step.positions, torch.long, device), non_blocking=True)
         if size > num:
             self.input_ids[num:size].zero_()

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from rtllm.distributed.parallel_state import wait_sends
 from rtllm.engine.llm_request import LlmRequest, SamplingConfig
 from rtllm.engine.scheduler import ScheduledRequest
 from rtllm.kernels.kv_quant import KVCacheLayer, allocate_kv_layer, kv_cache_parts
@@ -80,6 +81,8 @@ class ModelRunner:
         self.num_blocks = 0
         self._num_clean_blocks = 0
         self.graphs = None  # a CudaGraphRunner once captured
+        # False on an earlier pipeline stage (no LM head: it computes no logits).
+        self.holds_lm_head = getattr(model, "lm_head", None) is not None
 
     def _new_layers(self, num_blocks: int, device: torch.device, host: bool) -> list[KVCacheLayer]:
         config = self.config
@@ -229,7 +232,8 @@ class ModelRunner:
             hidden = self.model(ids, pos)
         if wants_prompt_logits:
             self._collect_prompt_logits(scheduled, hidden, prompt_logits)
-        if not step.logits_indices:
+        if not step.logits_indices or not self.holds_lm_head:
+            # (An earlier pipeline stage only runs here while profiling memory.)
             return hidden.new_empty((0, self.config.vocab_size), dtype=torch.float32)
         if len(step.logits_indices) < hidden.shape[0]:
             hidden = hidden.index_select(0, to_device(step.logits_indices, torch.long, self.device))
@@ -272,6 +276,7 @@ class ModelRunner:
         kv_bytes = torch.cuda.memory_allocated(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
         self.execute(scheduled, tables.__getitem__)
+        wait_sends()  # a pipeline stage's activations are sent without waiting
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device) - kv_bytes
         self.kv_caches, self.num_blocks, self._num_clean_blocks = saved

@@ -78,3 +78,23 @@ def test_lazy_slices_read_only_the_part(tmp_path, rank1_of_tp2):
     layer = RowParallelLinear(4, 6)
     layer.weight_loader(layer.weight, lazy)
     assert torch.equal(layer.weight, w[:, 2:])
+
+
+def test_quantized_row_parallel_quantizes_its_columns(rank1_of_tp2):
+    from rtllm.quantization import QuantAlgo, QuantConfig
+    from rtllm.quantization.linear_method import quantized_linear_forward
+
+    quant = QuantConfig(quant_algo=QuantAlgo.W8A16)
+    down = RowParallelLinear(8, 3, prefix="model.layers.0.mlp.down_proj", quant_config=quant)
+    w = torch.randn(3, 8)
+    down.load_checkpoint_tensor("weight", w, None)
+    down.process_weights_after_loading()
+    x = torch.randn(5, 4)  # rank 1's input columns 4..7
+    partial = quantized_linear_forward(down.quant, x)
+    torch.testing.assert_close(partial, x @ w[:, 4:].T, atol=0.05, rtol=0.02)
+    with pytest.raises(NotImplementedError, match="pre-quantized"):
+        RowParallelLinear(8, 3, prefix="p", quant_config=quant).load_checkpoint_tensor(
+            "qweight", torch.zeros(1, 3, dtype=torch.int32), None
+        )
+    with pytest.raises(NotImplementedError, match="bias"):
+        RowParallelLinear(8, 3, bias=True, prefix="p", quant_config=quant)

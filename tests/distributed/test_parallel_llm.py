@@ -14,16 +14,17 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from rtllm import LLM, KvCacheConfig, SamplingParams
 from rtllm.executor.result import RequestError
+from rtllm.quantization import QuantAlgo, QuantConfig
 
 PROMPTS = [[5, 6, 7], list(range(20, 45)), [9], list(range(100, 112))]
 LATE_PROMPTS = [[17, 3, 250, 8], list(range(60, 70))]
 
 
-def _save_llama(path, num_key_value_heads: int) -> str:
+def _save_llama(path, num_key_value_heads: int, hidden_size: int = 32) -> str:
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=255,  # not divisible by tp: the last rank's vocabulary shard is padded
-        hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+        hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=3, num_attention_heads=4,
         num_key_value_heads=num_key_value_heads, max_position_embeddings=256, initializer_range=0.2,
     )
     LlamaForCausalLM(config).save_pretrained(path)
@@ -40,10 +41,16 @@ def mqa_model(tmp_path_factory) -> str:
     return _save_llama(tmp_path_factory.mktemp("tp_mqa"), num_key_value_heads=1)  # replicated at tp=2
 
 
-def _llm(path: str, tp: int = 1, pp: int = 1) -> LLM:
+@pytest.fixture(scope="module")
+def wide_model(tmp_path_factory) -> str:
+    # Row-parallel ranks get 32 input columns: one int4 group of 32.
+    return _save_llama(tmp_path_factory.mktemp("tp_wide"), num_key_value_heads=2, hidden_size=64)
+
+
+def _llm(path: str, tp: int = 1, pp: int = 1, quant_config: QuantConfig | None = None) -> LLM:
     return LLM(
         path, skip_tokenizer_init=True, tensor_parallel_size=tp, pipeline_parallel_size=pp,
-        kv_cache_config=KvCacheConfig(tokens_per_block=8, max_tokens=1024),
+        kv_cache_config=KvCacheConfig(tokens_per_block=8, max_tokens=1024), quant_config=quant_config,
     )
 
 
@@ -51,8 +58,8 @@ def _params(n: int = 14) -> SamplingParams:
     return SamplingParams(max_tokens=n, ignore_eos=True)
 
 
-def _reference(path: str) -> list[list[int]]:
-    with _llm(path) as llm:
+def _reference(path: str, quant_config: QuantConfig | None = None) -> list[list[int]]:
+    with _llm(path, quant_config=quant_config) as llm:
         outs = llm.generate(PROMPTS + LATE_PROMPTS, _params(), use_tqdm=False)
     return [o.outputs[0].token_ids for o in outs]
 
@@ -92,6 +99,29 @@ def test_tp2_pp2_with_replicated_kv_heads_matches_tp1(mqa_model):
     with _llm(mqa_model, tp=2, pp=2) as llm:
         outs = llm.generate(PROMPTS + LATE_PROMPTS, _params(), use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outs] == expected
+
+
+def test_tp2_quantized_on_load_matches_tp1(wide_model):
+    # Each rank quantizes its own shard: column-parallel codes and scales are slices of
+    # tp=1's, a row-parallel rank's per-channel scales span only its input columns, so
+    # the logits agree within int8 rounding (a wrong slice would be far off).
+    quant = QuantConfig(quant_algo=QuantAlgo.W8A16, kv_cache_quant_algo=QuantAlgo.INT8)
+    params = SamplingParams(max_tokens=1, return_generation_logits=True)
+
+    def first_logits(tp: int) -> torch.Tensor:
+        with _llm(wide_model, tp=tp, quant_config=quant) as llm:
+            outs = llm.generate(PROMPTS, params, use_tqdm=False)
+        return torch.cat([o.outputs[0].generation_logits for o in outs])
+
+    expected, got = first_logits(1), first_logits(2)
+    assert got.argmax(-1).tolist() == expected.argmax(-1).tolist()
+    torch.testing.assert_close(got, expected, atol=0.02 * float(expected.abs().max()), rtol=0)
+
+
+def test_calibrating_quantization_under_tp_is_refused(gqa_model):
+    quant = QuantConfig(quant_algo=QuantAlgo.W8A8_SQ_PER_CHANNEL)
+    with pytest.raises(NotImplementedError, match="W8A8_SQ_PER_CHANNEL"):
+        _llm(gqa_model, tp=2, quant_config=quant)
 
 
 def test_killed_worker_fails_requests_naming_its_rank(gqa_model):
