@@ -36,6 +36,29 @@ def add_cache_and_scheduler_args(group: Any) -> None:
                        help="group size of groupwise weight quantization (default: 128)")
 
 
+def add_parallel_args(group: Any) -> None:
+    """Tensor/pipeline parallel degrees (shared by generate, bench and serve)."""
+    group.add_argument("--tp-size", "--tp", "--tensor-parallel-size", dest="tensor_parallel_size", type=int,
+                       default=None, help="ranks sharing every layer (default: 1)")
+    group.add_argument("--pp-size", "--pp", "--pipeline-parallel-size", dest="pipeline_parallel_size", type=int,
+                       default=None, help="pipeline stages of contiguous layers (default: 1; CUDA graphs are "
+                                          "not captured with more than one stage)")
+
+
+def parallel_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The LLM's parallel degrees given on the command line (none: single process)."""
+    return {
+        name: getattr(args, name)
+        for name in ("tensor_parallel_size", "pipeline_parallel_size")
+        if getattr(args, name) is not None
+    }
+
+
+def graphs_allowed(args: argparse.Namespace) -> bool:
+    """CUDA graphs are off with pipeline parallelism (not supported yet) or when disabled."""
+    return not args.disable_cuda_graphs and (args.pipeline_parallel_size or 1) == 1
+
+
 def quant_config_of(args: argparse.Namespace) -> Any:
     """The :class:`rtllm.quantization.QuantConfig` the command line asks for, or None."""
     if args.quant_algo is None and args.kv_cache_quant_algo is None:
@@ -87,6 +110,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--enable-chunked-prefill", action="store_true",
                        help="split long prompts across steps")
     add_cache_and_scheduler_args(group)
+    add_parallel_args(group)
     group.add_argument("--load-format", default="auto", choices=["auto", "dummy"],
                        help="dummy: random weights (benchmarking a shape)")
     group.add_argument("--cuda-graph-max-batch-size", type=int, default=CudaGraphConfig().max_batch_size,
@@ -104,7 +128,7 @@ def build_llm(args: argparse.Namespace, **overrides: Any) -> Any:
     from rtllm import LLM, CudaGraphConfig, KvCacheConfig, SchedulerConfig
 
     kv, sched = cache_and_scheduler_kwargs(args)
-    graphs = None if args.disable_cuda_graphs else CudaGraphConfig(max_batch_size=args.cuda_graph_max_batch_size)
+    graphs = CudaGraphConfig(max_batch_size=args.cuda_graph_max_batch_size) if graphs_allowed(args) else None
     return LLM(
         model=args.model,
         tokenizer=args.tokenizer,
@@ -126,6 +150,7 @@ def build_llm(args: argparse.Namespace, **overrides: Any) -> Any:
         quant_config=quant_config_of(args),
         cuda_graph_config=graphs,
         disable_overlap_scheduler=True if args.disable_overlap_scheduler else None,
+        **parallel_kwargs(args),
         **overrides,
     )
 

@@ -208,6 +208,8 @@ def run_bench(args: argparse.Namespace, parser: argparse.ArgumentParser | None =
             "tokens_per_block": args.tokens_per_block,
             "seed": args.seed,
             "detokenize": need_tokenizer,
+            "tensor_parallel_size": args.tensor_parallel_size or 1,
+            "pipeline_parallel_size": args.pipeline_parallel_size or 1,
         }
         show = not args.no_progress
         if has_workload(args):

@@ -48,6 +48,41 @@ class EngineLimits:
     max_beam_width: int = 1
 
 
+def validate_request(
+    limits: EngineLimits, pool_tokens: int, prompt_token_ids: list[int], max_tokens: int, beam_width: int = 1
+) -> None:
+    """Raise ``ValueError`` if a request with this prompt can never run on an engine with
+    these limits and a KV pool of ``pool_tokens`` tokens."""
+    if beam_width > limits.max_beam_width:
+        raise ValueError(
+            f"beam width {beam_width} (best_of or n with use_beam_search) exceeds the LLM's "
+            f"max_beam_width={limits.max_beam_width}; create the LLM with max_beam_width >= {beam_width}"
+        )
+    num = len(prompt_token_ids)
+    if num == 0:
+        raise ValueError("prompt is empty: at least one token is needed")
+    bad = [t for t in prompt_token_ids if not 0 <= t < limits.vocab_size]
+    if bad:
+        raise ValueError(f"prompt token ids must be in [0, {limits.vocab_size}); got {bad[:5]}")
+    if num > limits.max_seq_len:
+        raise ValueError(f"prompt has {num} tokens, more than max_seq_len={limits.max_seq_len}")
+    if num + max_tokens > limits.max_seq_len:
+        raise ValueError(
+            f"prompt ({num} tokens) + max_tokens ({max_tokens}) exceeds max_seq_len="
+            f"{limits.max_seq_len}; lower max_tokens to at most {limits.max_seq_len - num}"
+        )
+    if num + max_tokens > pool_tokens:
+        raise ValueError(
+            f"prompt ({num} tokens) + max_tokens ({max_tokens}) exceeds the KV cache "
+            f"({pool_tokens} tokens); lower max_tokens or raise kv_cache_config.max_tokens"
+        )
+    if num > limits.max_num_tokens and not limits.enable_chunked_prefill:
+        raise ValueError(
+            f"prompt has {num} tokens, more than max_num_tokens={limits.max_num_tokens}; "
+            "raise max_num_tokens or set enable_chunked_prefill=True"
+        )
+
+
 class Engine:
     """Inflight batching over a :class:`Scheduler`, a :class:`ModelRunner` and a :class:`Sampler`."""
 
@@ -83,36 +118,8 @@ class Engine:
 
     def validate(self, prompt_token_ids: list[int], max_tokens: int, beam_width: int = 1) -> None:
         """Raise ``ValueError`` if a request with this prompt can never run."""
-        limits = self.limits
-        if beam_width > limits.max_beam_width:
-            raise ValueError(
-                f"beam width {beam_width} (best_of or n with use_beam_search) exceeds the LLM's "
-                f"max_beam_width={limits.max_beam_width}; create the LLM with max_beam_width >= {beam_width}"
-            )
-        num = len(prompt_token_ids)
-        if num == 0:
-            raise ValueError("prompt is empty: at least one token is needed")
-        bad = [t for t in prompt_token_ids if not 0 <= t < limits.vocab_size]
-        if bad:
-            raise ValueError(f"prompt token ids must be in [0, {limits.vocab_size}); got {bad[:5]}")
-        if num > limits.max_seq_len:
-            raise ValueError(f"prompt has {num} tokens, more than max_seq_len={limits.max_seq_len}")
-        if num + max_tokens > limits.max_seq_len:
-            raise ValueError(
-                f"prompt ({num} tokens) + max_tokens ({max_tokens}) exceeds max_seq_len="
-                f"{limits.max_seq_len}; lower max_tokens to at most {limits.max_seq_len - num}"
-            )
         pool_tokens = self.kv_cache.num_blocks * self.kv_cache.tokens_per_block
-        if num + max_tokens > pool_tokens:
-            raise ValueError(
-                f"prompt ({num} tokens) + max_tokens ({max_tokens}) exceeds the KV cache "
-                f"({pool_tokens} tokens); lower max_tokens or raise kv_cache_config.max_tokens"
-            )
-        if num > limits.max_num_tokens and not limits.enable_chunked_prefill:
-            raise ValueError(
-                f"prompt has {num} tokens, more than max_num_tokens={limits.max_num_tokens}; "
-                "raise max_num_tokens or set enable_chunked_prefill=True"
-            )
+        validate_request(self.limits, pool_tokens, prompt_token_ids, max_tokens, beam_width)
 
     def add_request(self, request: LlmRequest) -> None:
         if request.request_id in self.requests:

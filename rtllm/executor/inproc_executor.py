@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from rtllm.engine.engine import Engine, RequestUpdate
+from rtllm.engine.engine import Engine, EngineLimits, RequestUpdate
 from rtllm.engine.kv_cache.events import KVCacheEventBuffer
 from rtllm.engine.llm_request import FinishReason, LlmRequest
 from rtllm.engine.stats import IterationStatsCollector
@@ -107,6 +107,17 @@ class InProcessExecutor(GenerationExecutor):
     def is_alive(self) -> bool:
         """True while the engine thread runs."""
         return self._thread.is_alive()
+
+    @property
+    def has_work(self) -> bool:
+        return self.engine.has_work
+
+    @property
+    def limits(self) -> EngineLimits:
+        return self.engine.limits
+
+    def validate(self, prompt_token_ids: list[int], max_tokens: int, beam_width: int = 1) -> None:
+        self.engine.validate(prompt_token_ids, max_tokens, beam_width)
 
     def stats(self) -> dict[str, int]:
         """A snapshot of engine load (read without locking; values may be one step old)."""

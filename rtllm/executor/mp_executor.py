@@ -26,6 +26,7 @@ from typing import Any
 
 import torch.multiprocessing as mp
 
+from rtllm.engine.engine import EngineLimits, validate_request
 from rtllm.executor import ipc
 from rtllm.executor.executor import GenerationExecutor
 from rtllm.executor.request import GenerationRequest
@@ -71,6 +72,12 @@ class MultiProcessExecutor(GenerationExecutor):
             raise NotImplementedError(
                 "KV cache events and iteration stats are not forwarded from parallel workers yet"
             )
+        import torch
+
+        from rtllm.distributed.dist_runner import check_parallel_support
+
+        # Refuse what the workers would refuse, before starting them.
+        check_parallel_support(args, torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu")))
         self.tp_size = args.tensor_parallel_size
         self.pp_size = args.pipeline_parallel_size
         self.world_size = self.tp_size * self.pp_size
@@ -82,6 +89,11 @@ class MultiProcessExecutor(GenerationExecutor):
         self._next_id = 0  # mirrors rank 0's executor ids (see rtllm.executor.worker)
         self._dead: str | None = None
         self._ready = False
+        # Reported by rank 0: its limits and KV pool (at start), load and progress.
+        self._limits: EngineLimits | None = None
+        self._pool_tokens = 0
+        self._stats: dict[str, int] = {}
+        self.last_step_time = time.monotonic()
         self._closed = False
         ctx = mp.get_context("spawn")
         # Only workers write to this queue; its reader is a daemon thread never joined, so a
@@ -118,6 +130,32 @@ class MultiProcessExecutor(GenerationExecutor):
     def worker_pids(self) -> list[int]:
         """Process id of each rank's worker."""
         return [p.pid for p in self.processes]
+
+    # ---- engine state, as rank 0 reports it ---------------------------------------------
+    @property
+    def limits(self) -> EngineLimits:
+        if self._limits is None:
+            raise RuntimeError("the parallel workers have not started")
+        return self._limits
+
+    def validate(self, prompt_token_ids: list[int], max_tokens: int, beam_width: int = 1) -> None:
+        validate_request(self.limits, self._pool_tokens, prompt_token_ids, max_tokens, beam_width)
+
+    @property
+    def is_alive(self) -> bool:
+        return self._ready and self._dead is None and not self._closed
+
+    @property
+    def failure(self) -> str | None:
+        return self._dead
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self._results)
+
+    def stats(self) -> dict[str, int]:
+        """Rank 0's last report (at most ``STATS_INTERVAL_S`` old)."""
+        return dict(self._stats)
 
     # ---- caller side -------------------------------------------------------------------
     def submit(self, request: GenerationRequest) -> GenerationResult:
@@ -231,8 +269,13 @@ class MultiProcessExecutor(GenerationExecutor):
                 with self._cond:
                     self._acks[message[1]] = [message[2], message[3]]
                     self._cond.notify_all()
+            elif kind == "stats":
+                self._stats = message[1]
+                self.last_step_time = time.monotonic() - message[2]
             elif kind == "ready":
                 with self._cond:
+                    self._limits = EngineLimits(*message[1][:3], bool(message[1][3]), message[1][4])
+                    self._pool_tokens = message[2]
                     self._ready = True
                     self._cond.notify_all()
             elif kind == "fatal":

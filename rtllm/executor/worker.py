@@ -19,6 +19,7 @@ import os
 import pickle
 import queue
 import threading
+import time
 import traceback
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +32,9 @@ from rtllm.executor import ipc
 from rtllm.executor.result import GenerationResult, Response
 
 logger = logging.getLogger(__name__)
+
+#: Seconds between rank 0's reports of engine load and progress to the proxy.
+STATS_INTERVAL_S = 0.5
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,9 +169,21 @@ def _serve(built: Any, runner: Any, channel: ipc.Channel, cfg: WorkerConfig) -> 
     runner.on_failure = on_failure
     executor = InProcessExecutor(built.engine, built.tokenizer, built.end_ids)
     runner.start_heartbeat()
-    sender.queue.put(("ready", 0, ""))
+    limits = built.engine.limits
+    kv_cache = built.engine.kv_cache
+    sender.queue.put((
+        "ready",
+        [limits.max_seq_len, limits.max_num_tokens, limits.vocab_size, int(limits.enable_chunked_prefill),
+         limits.max_beam_width],
+        kv_cache.num_blocks * kv_cache.tokens_per_block,
+    ))
+    next_stats = 0.0
     try:
         while True:
+            now = time.monotonic()
+            if now >= next_stats:  # engine load and progress for the proxy's stats() and health
+                next_stats = now + STATS_INTERVAL_S
+                sender.queue.put(("stats", executor.stats(), now - executor.last_step_time))
             message = channel.recv(timeout_ms=200)
             if message is None:
                 if os.getppid() != cfg.parent_pid:

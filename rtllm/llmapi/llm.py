@@ -9,6 +9,7 @@ import math
 from collections.abc import AsyncIterator, Sequence
 from typing import TYPE_CHECKING, Any
 
+import torch
 from tqdm import tqdm
 
 from rtllm.engine.stats import IterationStatsCollector
@@ -86,7 +87,7 @@ class LLM:
 
             self.tokenizer = load_tokenizer(self.model_path, self.args.tokenizer)
         self.dtype = self.args.dtype
-        self.device = self.args.device
+        self.device = torch.device(self.args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self._executor = MultiProcessExecutor(self.args)
 
     @property

@@ -37,8 +37,8 @@ def engine_health(ctx: ServingContext) -> tuple[bool, str]:
     except RuntimeError:
         return False, "the engine has been shut down"
     if not executor.is_alive:
-        return False, "the engine loop has stopped"
-    if executor.engine.has_work:
+        return False, executor.failure or "the engine loop has stopped"
+    if executor.has_work:
         now = time.monotonic()
         reference = getattr(executor, "last_step_time", now)
         oldest = ctx.metrics.oldest_inflight_arrival()

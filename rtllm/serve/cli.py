@@ -27,7 +27,7 @@ _KV_FIELDS = {"tokens_per_block": "tokens_per_block", "kv_cache_max_tokens": "ma
 
 def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``serve`` subcommand to ``subparsers`` (from ``add_subparsers``)."""
-    from rtllm.cli import add_cache_and_scheduler_args
+    from rtllm.cli import add_cache_and_scheduler_args, add_parallel_args
     from rtllm.llmapi.llm_args import KvCacheConfig, LlmArgs
     from rtllm.serve import DEFAULT_STALL_TIMEOUT_S
 
@@ -62,6 +62,7 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
     engine.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=None,
                         help="split long prompts across steps")
     add_cache_and_scheduler_args(engine)
+    add_parallel_args(engine)
     engine.add_argument("--load-format", default=None, choices=["auto", "dummy"],
                         help="dummy: random weights (benchmarking a shape)")
     engine.add_argument("--seed", type=int, default=None, help=f"engine seed (default: {d.seed})")
@@ -109,7 +110,12 @@ def _nested(data: dict[str, Any], key: str) -> dict[str, Any]:
 
 def llm_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """The keyword arguments of :class:`rtllm.LLM`: --config, then the command line."""
-    from rtllm.cli import cache_and_scheduler_kwargs, quant_config_of
+    from rtllm.cli import (
+        cache_and_scheduler_kwargs,
+        graphs_allowed,
+        parallel_kwargs,
+        quant_config_of,
+    )
     from rtllm.llmapi.llm_args import CudaGraphConfig, KvCacheConfig, SchedulerConfig
 
     kwargs = _load_config(args.config) if args.config else {}
@@ -128,6 +134,7 @@ def llm_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         value = getattr(args, dest)
         if value is not None:
             kv[field] = value
+    kwargs.update(parallel_kwargs(args))
     quant = quant_config_of(args)
     if quant is not None:
         kwargs["quant_config"] = quant
@@ -142,7 +149,8 @@ def llm_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         kwargs["kv_cache_config"] = KvCacheConfig(**kv)
         if sched:
             kwargs["scheduler_config"] = SchedulerConfig(**sched)
-        if args.disable_cuda_graphs or graphs is None:
+        stages = args.pipeline_parallel_size or kwargs.get("pipeline_parallel_size", 1)
+        if not graphs_allowed(args) or stages > 1 or graphs is None:
             kwargs["cuda_graph_config"] = None
         else:
             graphs = dict(_nested(kwargs, "cuda_graph_config"))

@@ -247,8 +247,8 @@ class ServingContext:
         self.llm = llm
         self.model_name = served_model_name
         self.tokenizer = llm.tokenizer
-        self.max_seq_len = llm.executor.engine.limits.max_seq_len
-        self.vocab_size = llm.executor.engine.limits.vocab_size
+        self.max_seq_len = llm.executor.limits.max_seq_len
+        self.vocab_size = llm.executor.limits.vocab_size
         self.token_strings = TokenStrings(self.tokenizer)
         self.stall_timeout_s = stall_timeout_s
         self.metrics = ServerMetrics(llm, served_model_name)
@@ -265,9 +265,9 @@ class ServingContext:
             return ""
         return self.tokenizer.decode(token_ids, skip_special_tokens=False)
 
-    def _engine(self) -> Any:
+    def _executor(self) -> Any:
         try:
-            return self.llm.executor.engine
+            return self.llm.executor
         except RuntimeError as exc:
             raise OpenAIError(f"the engine is not running: {exc}", status=503,
                               type="service_unavailable_error") from None
@@ -277,10 +277,10 @@ class ServingContext:
         return [param] if len(items) == 1 else [f"{param}[{i}]" for i in range(len(items))]
 
     def _validate(self, items: list[tuple[Prompt, SamplingParams]], names: list[str]) -> None:
-        engine = self._engine()
+        executor = self._executor()
         for name, (prompt, params) in zip(names, items, strict=True):  # all before any is submitted
             try:
-                engine.validate(prompt.token_ids, params.max_tokens)
+                executor.validate(prompt.token_ids, params.max_tokens)
             except ValueError as exc:
                 raise invalid(str(exc), param=name) from None
 

@@ -34,7 +34,7 @@ _E2E_BUCKETS = (0.01, 0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 1
 
 
 class _EngineCollector(Collector):
-    """Gauges read from :meth:`InProcessExecutor.stats` at each scrape."""
+    """Gauges read from the executor's :meth:`stats` at each scrape."""
 
     def __init__(self, llm: LLM, model_name: str) -> None:
         self._llm = llm
@@ -55,7 +55,7 @@ class _EngineCollector(Collector):
             return family
 
         yield gauge("rtllm:engine_alive", "1 while the engine loop runs.", 1.0 if alive else 0.0)
-        if stats is None:
+        if not stats:  # shut down, or parallel workers that have not reported yet
             return
         yield gauge("rtllm:num_requests_running", "Requests in the running batch.", stats["num_running"])
         yield gauge("rtllm:num_requests_waiting", "Requests waiting to be scheduled.", stats["num_waiting"])

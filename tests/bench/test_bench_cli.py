@@ -126,3 +126,14 @@ def test_bad_dataset_fails_before_loading_the_model(tmp_path):
         _run(["bench", "throughput", "--model", "/nonexistent", "--dataset", str(data)])
     with pytest.raises(ValueError, match="--num-requests"):
         _run(["bench", "latency", "--model", "/nonexistent", "--num-requests", "0"])
+
+
+def test_throughput_with_tensor_parallel_workers(tiny_model, tmp_path):
+    out = tmp_path / "report.json"
+    rc = _run(["bench", "throughput", "--model", tiny_model, "--load-format", "dummy", "--tp", "2",
+               "--num-requests", "4", "--input-len", str(INPUT_LEN), "--output-len", str(OUTPUT_LEN),
+               "--warmup", "0", "--report-json", str(out)])
+    assert rc == 0
+    report = json.loads(out.read_text())
+    _check_report(report, "throughput", 4, OUTPUT_LEN, INPUT_LEN)
+    assert report["metadata"]["tensor_parallel_size"] == 2

@@ -135,3 +135,12 @@ def test_quantization_options(tmp_path: Any) -> None:
     assert llm_kwargs(parse("--config", str(config)))["quant_config"].group_size == 64
     with pytest.raises(ValueError, match="quant_algo"):
         llm_kwargs(parse("--quant-algo", "W3A16"))
+
+
+def test_parallel_options() -> None:
+    kwargs = llm_kwargs(parse("--tp-size", "2"))
+    assert kwargs["tensor_parallel_size"] == 2 and kwargs["cuda_graph_config"] is not None
+    kwargs = llm_kwargs(parse("--tp-size", "2", "--pp-size", "2"))
+    assert (kwargs["tensor_parallel_size"], kwargs["pipeline_parallel_size"]) == (2, 2)
+    assert kwargs["cuda_graph_config"] is None  # not captured with pipeline stages
+    assert "tensor_parallel_size" not in llm_kwargs(parse())
