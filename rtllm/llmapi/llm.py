@@ -56,10 +56,19 @@ class LLM:
             raise ValueError(f"unknown LLM argument(s) {unknown}; allowed: {sorted(allowed)}")
         self.args = LlmArgs(model=model, tokenizer=tokenizer, **kwargs)
         self._executor: InProcessExecutor | MultiProcessExecutor | None = None
+        runner = None
         if self.args.tensor_parallel_size * self.args.pipeline_parallel_size > 1:
-            self._start_workers()
-            return
-        built = build_engine(self.args)
+            from rtllm.executor.launched_ranks import join_world, launched_rank
+
+            launched = launched_rank()
+            if launched is None:
+                self._start_workers()
+                return
+            # torchrun / srun started every rank: only rank 0 gets past join_world.
+            built = join_world(self.args, launched)
+            runner = built.engine.runner
+        else:
+            built = build_engine(self.args)
         self.model_config = built.model_config
         self.model_path = built.model_path
         self.tokenizer = built.tokenizer
@@ -68,9 +77,13 @@ class LLM:
         iter_stats = None
         if self.args.enable_iter_perf_stats:
             iter_stats = IterationStatsCollector(self.args.iter_stats_max_iterations or 1000)
-        self._executor = InProcessExecutor(
-            built.engine, built.tokenizer, built.end_ids, kv_events=built.kv_events, iter_stats=iter_stats
-        )
+        executor_args = (built.engine, built.tokenizer, built.end_ids)
+        if runner is None:
+            self._executor = InProcessExecutor(*executor_args, kv_events=built.kv_events, iter_stats=iter_stats)
+        else:
+            from rtllm.executor.launched_ranks import RankZeroExecutor
+
+            self._executor = RankZeroExecutor(runner, *executor_args, kv_events=built.kv_events, iter_stats=iter_stats)
 
     def _start_workers(self) -> None:
         """Tensor/pipeline parallelism: the engine runs in one worker process per rank; this
