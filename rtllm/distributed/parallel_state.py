@@ -16,7 +16,9 @@ import os
 import torch
 import torch.distributed as dist
 
+from rtllm.distributed import symm_all_reduce
 from rtllm.distributed.mapping import Mapping
+from rtllm.distributed.symm_all_reduce import SymmMemAllReduce
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +32,8 @@ _DEVICE = torch.device("cpu")
 # Sends still in flight (isend works with the tensors they keep alive), waited for by
 # wait_sends() at the end of every step.
 _PENDING_SENDS: list[tuple[dist.Work, torch.Tensor]] = []
+# Small all-reduces of a CUDA tensor-parallel group (None: NCCL for everything).
+_SMALL_ALL_REDUCE: SymmMemAllReduce | None = None
 
 DEFAULT_TIMEOUT_S = 120.0
 
@@ -62,7 +66,7 @@ def init_distributed(
     ``tcp://host:port`` rendezvous. ``timeout_s`` bounds the rendezvous and every
     collective, so a peer that vanished makes the others fail instead of hanging.
     """
-    global _TP_GROUP, _CONTROL_GROUP, _DEVICE
+    global _TP_GROUP, _CONTROL_GROUP, _DEVICE, _SMALL_ALL_REDUCE
     if "://" not in init_method:
         raise ValueError(f"init_method must be a URL such as tcp://127.0.0.1:29500, got {init_method!r}")
     backend = "nccl" if device.type == "cuda" else "gloo"
@@ -81,6 +85,8 @@ def init_distributed(
     _CONTROL_GROUP = dist.new_group(timeout=timeout, backend="gloo") if backend != "gloo" else None
     _DEVICE = device
     set_mapping(mapping)
+    if mapping.tp_size > 1:
+        _SMALL_ALL_REDUCE = symm_all_reduce.create(_TP_GROUP, device)
     logger.info(
         "rank %d/%d joined (%s, tp_rank=%d, pp_rank=%d, pid %d)",
         mapping.rank, mapping.world_size, backend, mapping.tp_rank, mapping.pp_rank, os.getpid(),
@@ -89,7 +95,8 @@ def init_distributed(
 
 def destroy_distributed() -> None:
     """Leave the process groups (safe to call when none were created)."""
-    global _TP_GROUP, _CONTROL_GROUP
+    global _TP_GROUP, _CONTROL_GROUP, _SMALL_ALL_REDUCE
+    _SMALL_ALL_REDUCE = None
     if dist.is_initialized():
         dist.destroy_process_group()
     _TP_GROUP = _CONTROL_GROUP = None
@@ -98,9 +105,12 @@ def destroy_distributed() -> None:
 
 
 def tp_all_reduce(x: torch.Tensor) -> torch.Tensor:
-    """Sum ``x`` over the tensor-parallel group (in place; a no-op at tp_size=1)."""
+    """Sum ``x`` over the tensor-parallel group (a no-op at tp_size=1); use the returned
+    tensor (small CUDA tensors are reduced out of place, through symmetric memory)."""
     if _MAPPING.tp_size == 1:
         return x
+    if _SMALL_ALL_REDUCE is not None and _SMALL_ALL_REDUCE.handles(x):
+        return _SMALL_ALL_REDUCE(x)
     dist.all_reduce(x, group=_TP_GROUP)
     return x
 

