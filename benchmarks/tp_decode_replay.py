@@ -1,0 +1,81 @@
+"""Pure GPU time of one batch-1 decode step (CUDA-graph replay) at TP=1 or TP=N.
+
+Separates the kernels and collectives of a tensor-parallel decode step from the engine
+loop around it: each rank builds its shard, fills the graph inputs for one sequence of
+``--context`` tokens once, then replays the batch-1 graph ``--iters`` times (ranks stay
+in lockstep through the all-reduces inside the graph).
+
+  python benchmarks/tp_decode_replay.py --model benchmarks/configs/llama3-8b
+  torchrun --standalone --nproc-per-node 2 benchmarks/tp_decode_replay.py --model ... --tp 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import torch
+
+from rtllm.distributed import parallel_state as ps
+from rtllm.distributed.mapping import Mapping
+from rtllm.layers.attention_backends import StepAttentionInputs
+from rtllm.llmapi.build import build_engine
+from rtllm.llmapi.llm_args import CudaGraphConfig, KvCacheConfig, LlmArgs
+from rtllm.runtime.model_runner import StepInputs
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--tp", type=int, default=1)
+    parser.add_argument("--context", type=int, default=256)
+    parser.add_argument("--iters", type=int, default=200)
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--profile", action="store_true", help="print rank 0's kernel time table")
+    args = parser.parse_args()
+    rank = int(os.environ.get("RANK", "0"))
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    if args.tp > 1:
+        ps.init_distributed(Mapping(args.tp, rank, args.tp, 1), device, "env://")
+    llm_args = LlmArgs(
+        model=args.model, load_format="dummy", skip_tokenizer_init=True, max_batch_size=8,
+        kv_cache_config=KvCacheConfig(max_tokens=8192), cuda_graph_config=CudaGraphConfig(batch_sizes=(1,)),
+    )
+    built = build_engine(llm_args, device)
+    runner = getattr(built.engine.runner, "inner", built.engine.runner)
+    blocks = -(-(args.context + 1) // runner.tokens_per_block)
+    attention = StepAttentionInputs([1], [args.context], [list(range(blocks))], runner.tokens_per_block, device)
+    step = StepInputs([1], [args.context], attention, [0])
+    runner.graphs.run(step, None)
+    graph = runner.graphs._graphs[1]
+    for _ in range(20):
+        graph.replay()
+    torch.cuda.synchronize(device)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(args.iters):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize(device)
+    step_ms = start.elapsed_time(end) / args.iters
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(10):
+                graph.replay()
+            torch.cuda.synchronize(device)
+        if rank == 0:
+            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18), flush=True)
+    result = {"tp": args.tp, "rank": rank, "step_ms": step_ms, "all_reduce": os.environ.get("RTLLM_ALL_REDUCE", "auto")}
+    print(json.dumps(result), flush=True)
+    if args.out and rank == 0:
+        with open(args.out, "w") as f:
+            json.dump(result, f)
+    if args.tp > 1:
+        ps.destroy_distributed()
+
+
+if __name__ == "__main__":
+    main()
