@@ -1,16 +1,28 @@
-"""Micro-benchmark of quantized linears at Llama-3-8B shapes (needs a CUDA GPU).
+"""Micro-benchmark of weight-only quantized linears at Llama-3-8B shapes (needs a CUDA GPU).
 
-Times bf16 ``F.linear`` (cuBLAS), W8A16 (int8 per channel), W4A16 (int4, group 128,
-zero points) and FP8 (per-tensor weight scale, dynamic per-token activations through
-``torch._scaled_mm``) for the qkv, o, gate_up and down projections at several token
-counts M. Each measurement captures ``--reps`` calls in a CUDA graph (as the engine's
-decode steps run) cycling through enough weight copies to overflow L2, replays it
-``--trials`` times and reports the median microseconds per call. At M = 1 it also
-prints the weight bytes read per second and the sum over one decoder layer.
+Times, for the qkv (6144x4096), o (4096x4096), gate_up (28672x4096) and down
+(4096x14336) projections at token counts M (default 1, 4, 16, 64):
 
-    PYTHONPATH=. python benchmarks/quant_gemm.py [--m 1,16,64,256] [--sweep] [--json F]
+* ``bf16``: cuBLAS ``F.linear`` on the bfloat16 weight;
+* ``w8a16`` / ``w4a16``: :func:`rtllm.kernels.quant_gemm.quant_linear` as the engine
+  runs it (tuned per shape on first call), int8 per channel / int4 group 128 with
+  zero points;
+* ``w8a16_old`` / ``w4a16_old``: the kernels before issue 7's rewrite
+  (``benchmarks/quant_gemm_legacy.py``), same packed weights (``--no-old`` skips);
+* ``w8a16_deq`` / ``w4a16_deq``: dequantize into a bf16 scratch then cuBLAS, for
+  ``M >= --deq-min-m`` (default 16; it only has a chance where the GEMM is
+  compute-bound).
 
-``--sweep`` first times GEMV / GEMM tile configurations (the heuristics' candidates).
+Each measurement captures ``--reps`` calls in a CUDA graph (as the engine's decode
+steps run) cycling through enough weight copies to overflow L2, replays it
+``--trials`` times and reports the median microseconds per call, plus the effective
+weight bandwidth (bytes of codes, scales and zeros, or bf16 weight, per second). It
+then sums each method over the 4 shapes x 32 layers (one decode step's linears,
+lm_head excluded), prints the tuner's choice and candidate timings, and writes
+everything to ``--out`` (JSON). ``--budget-s`` stops starting new cells past that
+many seconds (the rest are reported as skipped), so the run always ends.
+
+    PYTHONPATH=. python benchmarks/quant_gemm.py [--quick] [--m 1,4,16,64] --out F.json
 """
 
 from __future__ import annotations
@@ -19,22 +31,20 @@ import argparse
 import json
 import math
 import statistics
+import sys
+import time
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import asdict, replace
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import triton
 
-from rtllm.kernels.fp8_linear import fp8_linear
-from rtllm.kernels.quant_gemm import (
-    PackedQuantWeight,
-    QuantGemmConfig,
-    prepack_int4,
-    prepack_int8,
-    quant_linear,
-    quant_linear_ref,
-)
-from rtllm.quantization import rtn
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # quant_gemm_legacy
+
+from rtllm.kernels import quant_gemm as qg  # noqa: E402
+from rtllm.quantization import rtn  # noqa: E402
 
 SHAPES = {  # name: (K, N)
     "qkv": (4096, 6144),
@@ -42,14 +52,30 @@ SHAPES = {  # name: (K, N)
     "gate_up": (4096, 28672),
     "down": (14336, 4096),
 }
-METHODS = ("bf16", "w8a16", "w4a16", "fp8")
+LAYERS = 32
+FORMATS = ("w8a16", "w4a16")
+DEVICE = "cuda"
+
+
+def smoke_setup() -> None:
+    """``--smoke``: tiny shapes on the CPU (Triton interpreter) with a wall-clock timer,
+    to check this script's plumbing without a GPU; the numbers mean nothing."""
+    global DEVICE
+    DEVICE = "cpu"
+    for name in SHAPES:
+        SHAPES[name] = (256, 96) if name != "down" else (512, 64)
 
 
 def time_us(calls: list[Callable[[], object]], reps: int, trials: int) -> float:
     """Median microseconds per call of a CUDA graph holding ``reps`` calls that cycle
     through ``calls`` (one per weight copy)."""
     for c in calls:
-        c()  # compile / autotune outside the capture
+        c()  # compile / tune outside the capture
+    if DEVICE == "cpu":  # --smoke
+        start = time.perf_counter()
+        for i in range(reps):
+            calls[i % len(calls)]()
+        return (time.perf_counter() - start) * 1e6 / reps
     torch.cuda.synchronize()
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -75,164 +101,224 @@ def time_us(calls: list[Callable[[], object]], reps: int, trials: int) -> float:
     return statistics.median(times)
 
 
-def clone_packed(p: PackedQuantWeight) -> PackedQuantWeight:
+def clone_packed(p: qg.PackedQuantWeight) -> qg.PackedQuantWeight:
     return replace(p, qweight=p.qweight.clone(), scales=p.scales.clone(), zeros=p.zeros.clone())
 
 
-def make_weights(k: int, n: int) -> dict[str, tuple[object, ...]]:
-    """One copy of each method's weight, quantized from one random bf16 weight."""
-    w = torch.randn(n, k, device="cuda") * 0.02
+def make_weights(k: int, n: int, dtype: torch.dtype) -> dict[str, object]:
+    """One weight per format, quantized from one random bf16 weight."""
+    w = torch.randn(n, k, device=DEVICE) * 0.02
     q4, s4, z4 = rtn.quantize_groupwise_asymmetric(w, 128, bits=4)
     q8, s8 = rtn.quantize_int8_per_channel(w)
     codes8 = (q8.to(torch.int16) + 128).to(torch.uint8)
-    qf, sf = rtn.quantize_fp8_per_tensor(w)
+    zeros8 = torch.full_like(s8, 128, dtype=torch.int32)
     return {
-        "bf16": (w.to(torch.bfloat16),),
-        "w8a16": (prepack_int8(codes8, torch.full_like(s8, 128, dtype=torch.int32), s8),),
-        "w4a16": (prepack_int4(q4, z4, s4, 128),),
-        # Per-tensor scale broadcast to [N] once (load time): the rowwise _scaled_mm
-        # path that per-token activations need takes [1, N] weight scales.
-        "fp8": (qf, sf.reshape(1).expand(n).contiguous()),
+        "bf16": w.to(dtype),
+        "w8a16": qg.prepack_int8(codes8, zeros8, s8),
+        "w4a16": qg.prepack_int4(q4, z4, s4, 128),
     }
 
 
-def weight_bytes(method: str, weights: tuple[object, ...]) -> int:
-    if method in ("w8a16", "w4a16"):
-        return weights[0].nbytes
-    return sum(t.numel() * t.element_size() for t in weights)
+def nbytes(w: object) -> int:
+    return w.nbytes if isinstance(w, qg.PackedQuantWeight) else w.numel() * w.element_size()
 
 
-def copy_weights(method: str, weights: tuple[object, ...]) -> tuple[object, ...]:
-    if method in ("w8a16", "w4a16"):
-        return (clone_packed(weights[0]),)
-    return tuple(t.clone() for t in weights)
+def copies_for(size: int, l2: int) -> int:
+    return max(1, min(48, math.ceil(3 * l2 / size)))
 
 
-def make_call(
-    method: str, x: torch.Tensor, weights: tuple[object, ...], cfg: QuantGemmConfig | None = None
-) -> Callable[[], torch.Tensor]:
+def method_call(method: str, x: torch.Tensor, w: object) -> Callable[[], torch.Tensor]:
     if method == "bf16":
-        return lambda: F.linear(x, weights[0])
-    if method == "fp8":
-        return lambda: fp8_linear(x, weights[0], weights[1])
-    return lambda: quant_linear(x, weights[0], config=cfg)
+        return lambda: F.linear(x, w)
+    if method.endswith("_old"):
+        import quant_gemm_legacy
+
+        return lambda: quant_gemm_legacy.quant_linear(x, w)
+    if method.endswith("_deq"):
+        cfg = qg.QuantGemmConfig(kernel="dequant")
+        return lambda: qg.quant_linear(x, w, None, cfg)
+    return lambda: qg.quant_linear(x, w)
 
 
-def copies_for(nbytes: int, l2: int) -> int:
-    return max(1, min(48, math.ceil(3 * l2 / nbytes)))
+def methods_for(m: int, args: argparse.Namespace) -> list[str]:
+    out = ["bf16", *FORMATS]
+    if not args.no_old:
+        out += [f"{f}_old" for f in FORMATS]
+    if m >= args.deq_min_m:
+        out += [f"{f}_deq" for f in FORMATS]
+    return out
 
 
-def sweep(args: argparse.Namespace, l2: int) -> None:
-    gemv = [(2, 1), (4, 1), (8, 1), (4, 2), (8, 2), (4, 4), (8, 4)]  # (block_n, warps)
-    gemm = {
-        16: [(16, 64, 4, 4, 2), (16, 128, 4, 4, 2), (16, 64, 8, 4, 2), (16, 32, 4, 2, 2)],
-        64: [(64, 64, 4, 4, 2), (64, 128, 4, 4, 2), (32, 128, 4, 4, 2), (64, 128, 8, 8, 2)],
-        256: [(128, 128, 4, 8, 2), (64, 128, 4, 4, 2), (128, 64, 4, 4, 2), (128, 256, 4, 8, 2)],
-    }
-    for name in ("o", "gate_up", "down"):
-        k, n = SHAPES[name]
-        base = make_weights(k, n)
-        for method in ("w4a16", "w8a16"):
-            wts = [base[method]]
-            wts += [
-                copy_weights(method, wts[0]) for _ in range(copies_for(wts[0][0].nbytes, l2) - 1)
-            ]
-            x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
-            res = []
-            for bn, warps in gemv:
-                cfg = QuantGemmConfig(kernel="gemv", block_n=bn, num_warps=warps, chunk=32 * warps)
-                us = time_us([make_call(method, x, w, cfg) for w in wts], args.reps, args.trials)
-                res.append((us, f"gemv bn={bn} w={warps}"))
-            print(f"sweep {name:8s} {method} M=1: " + ", ".join(f"{c} {u:.1f}" for u, c in res))
-            if method != "w4a16" or name == "down" or not args.sweep_gemm:
-                continue
-            for m, cands in gemm.items():
-                x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-                res = []
-                for bm, bn, chunk, warps, stages in cands:
-                    cfg = QuantGemmConfig("gemm", bm, bn, chunk, None, warps, stages)
-                    us = time_us(
-                        [make_call(method, x, w, cfg) for w in wts], args.reps, args.trials
-                    )
-                    res.append((us, f"{bm}x{bn}c{chunk}w{warps}"))
-                print(
-                    f"sweep {name:8s} {method} M={m}: " + ", ".join(f"{c} {u:.1f}" for u, c in res)
-                )
-        del base
-        torch.cuda.empty_cache()
+def config_str(x: torch.Tensor, w: qg.PackedQuantWeight) -> str:
+    """The tuner's choice for this call (after it ran), compactly."""
+    m = x.shape[0]
+    for key, cfg in qg.tuned_configs().items():
+        if key[2:7] == (qg_bucket(m), w.out_features, w.in_features, w.bits, w.group_size):
+            return cfg_str(cfg)
+    return "default"
+
+
+def cfg_str(cfg: qg.QuantGemmConfig) -> str:
+    fields = {k: v for k, v in asdict(cfg).items() if v is not None and k != "kernel"}
+    short = {"block_m": "bm", "block_n": "bn", "chunk": "c", "split_k": "sk", "num_warps": "w"}
+    return f"{cfg.kernel}(" + ",".join(f"{short.get(k, k)}={v}" for k, v in fields.items()) + ")"
+
+
+def qg_bucket(m: int) -> int:
+    from rtllm.kernels.quant_tuning import _m_bucket
+
+    return _m_bucket(m)
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--m", default="1,16,64,256", help="token counts")
-    parser.add_argument("--reps", type=int, default=50, help="calls per CUDA graph")
-    parser.add_argument("--trials", type=int, default=15, help="graph replays timed")
-    parser.add_argument("--sweep", action="store_true", help="time tile configurations first")
-    parser.add_argument("--sweep-gemm", action="store_true", help="with --sweep: GEMM tiles too")
-    parser.add_argument("--json", default=None, help="write the results here")
+    parser.add_argument("--m", default=None, help="token counts (default 1,4,16,64)")
+    parser.add_argument("--quick", action="store_true", help="M = 1,16, fewer repeats")
+    parser.add_argument("--reps", type=int, default=None, help="calls per CUDA graph")
+    parser.add_argument("--trials", type=int, default=None, help="graph replays timed")
+    parser.add_argument("--no-old", action="store_true", help="skip the pre-rewrite kernels")
+    parser.add_argument("--deq-min-m", type=int, default=16, help="time dequant+cuBLAS from M")
+    parser.add_argument("--budget-s", type=float, default=150.0, help="start no cell after")
+    parser.add_argument("--out", "--json", dest="out", default=None, help="write JSON here")
+    parser.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    props = torch.cuda.get_device_properties(0)
-    l2 = props.L2_cache_size
-    print(
-        f"device: {props.name}, {props.multi_processor_count} SMs, L2 {l2 >> 20} MiB, "
-        f"torch {torch.__version__}"
-    )
-    if args.sweep:
-        sweep(args, l2)
-    ms = [int(v) for v in args.m.split(",")]
-    results: dict[str, dict[int, dict[str, float]]] = {}
-    nbytes: dict[str, dict[str, int]] = {}
+    if args.smoke:
+        smoke_setup()
+    dtype = torch.float16 if args.smoke else torch.bfloat16
+    ms = [int(v) for v in (args.m or ("1,16" if args.quick else "1,4,16,64")).split(",")]
+    reps = args.reps or (20 if args.quick else 50)
+    trials = args.trials or (5 if args.quick else 15)
+    t0 = time.perf_counter()
+    if DEVICE == "cpu":
+        device_name, l2 = "cpu (--smoke, Triton interpreter)", 1
+    else:
+        props = torch.cuda.get_device_properties(0)
+        device_name, l2 = props.name, props.L2_cache_size
+        print(f"{props.multi_processor_count} SMs, L2 {l2 >> 20} MiB", end=", ")
+    print(f"device: {device_name}, torch {torch.__version__}, triton {triton.__version__}")
+    torch.manual_seed(0)
+    weights, copies = {}, {}
     for name, (k, n) in SHAPES.items():
-        base = make_weights(k, n)
-        results[name], nbytes[name] = {}, {}
-        copies = {}
-        for method in METHODS:
-            nb = weight_bytes(method, base[method])
-            nbytes[name][method] = nb
-            copies[method] = [base[method]] + [
-                copy_weights(method, base[method]) for _ in range(copies_for(nb, l2) - 1)
-            ]
-        for m in ms:
-            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            row = {}
-            for method in METHODS:
-                calls = [make_call(method, x, w) for w in copies[method]]
-                row[method] = time_us(calls, args.reps, args.trials)
-            # Sanity: the quantized kernels against their dequantize reference.
-            for method in ("w8a16", "w4a16"):
-                p = base[method][0]
-                ref = quant_linear_ref(x, p).float()
-                err = ((quant_linear(x, p).float() - ref).norm() / ref.norm()).item()
-                assert err < 1e-2, f"{name} M={m} {method}: normalized error {err:.2e}"
-            results[name][m] = row
-            print(f"{name:8s} M={m:4d} " + " ".join(f"{k_}={v:8.1f}us" for k_, v in row.items()))
-        del base, copies
-        torch.cuda.empty_cache()
-
-    hdr = f"{'shape':8s} {'K->N':>12s} {'M':>4s} " + "".join(f"{m:>10s}" for m in METHODS)
-    hdr += "  speedup vs bf16 (w8 / w4 / fp8)"
-    print("\nmicroseconds per call (median; CUDA graph replays, weights rotated past L2)")
-    print(hdr)
-    for name, (k, n) in SHAPES.items():
-        for m in ms:
-            row = results[name][m]
-            sp = " / ".join(f"{row['bf16'] / row[x]:.2f}x" for x in ("w8a16", "w4a16", "fp8"))
-            cells = "".join(f"{row[x]:10.1f}" for x in METHODS)
-            print(f"{name:8s} {f'{k}->{n}':>12s} {m:4d} {cells}  {sp}")
-    if 1 in ms:
-        print("\nM=1 weight bandwidth (weight bytes / time, TB/s)")
-        for name in SHAPES:
-            row = results[name][1]
+        weights[name] = make_weights(k, n, dtype)
+        copies[name] = {}
+        for fmt, w in weights[name].items():
+            clone = clone_packed if fmt != "bf16" else torch.Tensor.clone
+            copies[name][fmt] = [w] + [clone(w) for _ in range(copies_for(nbytes(w), l2) - 1)]
+    rows: list[dict[str, object]] = []
+    for m in ms:  # M = 1 first: the decode numbers matter most if the budget runs out
+        for name, (k, n) in SHAPES.items():
+            x = torch.randn(m, k, device=DEVICE, dtype=dtype)
+            for method in methods_for(m, args):
+                fmt = method.split("_")[0]
+                row = {"shape": name, "k": k, "n": n, "m": m, "method": method}
+                if time.perf_counter() - t0 > args.budget_s:
+                    rows.append({**row, "skipped": True})
+                    continue
+                ws = copies[name][fmt]
+                try:
+                    us = time_us([method_call(method, x, w) for w in ws], reps, trials)
+                except Exception as exc:  # noqa: BLE001 (report, keep going)
+                    rows.append({**row, "error": f"{type(exc).__name__}: {exc}"[:300]})
+                    print(f"{name} M={m} {method}: FAILED {exc}", flush=True)
+                    continue
+                row.update(us=us, gbps=nbytes(ws[0]) / us / 1e3, bytes=nbytes(ws[0]))
+                if fmt != "bf16":
+                    out = method_call(method, x, ws[0])()
+                    row["rel_err"] = rel_err(out, qg.quant_linear_ref(x, ws[0]))
+                    if method == fmt:
+                        row["config"] = config_str(x, ws[0])
+                rows.append(row)
+            done = [r for r in rows if r["m"] == m and r["shape"] == name and "us" in r]
             print(
-                f"{name:8s} "
-                + "".join(f"{x}={nbytes[name][x] / row[x] / 1e6:6.2f}  " for x in METHODS)
+                f"{name:8s} M={m:3d} "
+                + " ".join(f"{r['method']}={r['us']:.1f}us" for r in done)
+                + f"  [{time.perf_counter() - t0:.0f}s]",
+                flush=True,
             )
-        print("\nM=1, one decoder layer (qkv + o + gate_up + down)")
-        tot = {x: sum(results[s][1][x] for s in SHAPES) for x in METHODS}
-        print("  ".join(f"{x}={tot[x]:.1f}us ({tot['bf16'] / tot[x]:.2f}x)" for x in METHODS))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"device": props.name, "results": results, "bytes": nbytes}, f, indent=1)
+    report(rows, ms, args)
+    if args.out:
+        timings = [
+            {
+                "key": [str(v) for v in key],
+                "candidates": [
+                    {"config": asdict(c), "ms": t if math.isfinite(t) else None} for c, t in cands
+                ],
+            }
+            for key, cands in qg.tuning_timings().items()
+        ]
+        doc = {
+            "device": device_name,
+            "torch": torch.__version__,
+            "triton": triton.__version__,
+            "layers": LAYERS,
+            "rows": rows,
+            "e2e_us": e2e(rows, ms),
+            "tuning": timings,
+            "seconds": time.perf_counter() - t0,
+        }
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(doc, indent=1))
+        print(f"wrote {args.out}")
+
+
+def e2e(rows: list[dict[str, object]], ms: list[int]) -> dict[str, dict[str, float]]:
+    """Per M and method: LAYERS x the sum over the 4 shapes (only if all 4 were timed)."""
+    out: dict[str, dict[str, float]] = {}
+    for m in ms:
+        per: dict[str, list[float]] = {}
+        for r in rows:
+            if r["m"] == m and "us" in r:
+                per.setdefault(r["method"], []).append(r["us"])
+        out[str(m)] = {k: LAYERS * sum(v) for k, v in per.items() if len(v) == len(SHAPES)}
+    return out
+
+
+def report(rows: list[dict[str, object]], ms: list[int], args: argparse.Namespace) -> None:
+    by = {(r["shape"], r["m"], r["method"]): r for r in rows}
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    print("\nus per call (median, CUDA graph, weights rotated past L2) | weight GB/s")
+    print(f"{'shape':8s} {'M':>3s} " + "".join(f"{x:>17s}" for x in methods) + "  w8/bf16 w4/bf16")
+    for m in ms:
+        for name in SHAPES:
+            cells = []
+            for meth in methods:
+                r = by.get((name, m, meth), {})
+                cell = f"{r['us']:7.1f}|{r['gbps']:6.0f}" if "us" in r else "    -"
+                cells.append(f"{cell:>17s}")
+            sp = []
+            for fmt in FORMATS:
+                b, q = by.get((name, m, "bf16"), {}), by.get((name, m, fmt), {})
+                sp.append(f"{b['us'] / q['us']:6.2f}x" if "us" in b and "us" in q else "     -")
+            print(f"{name:8s} {m:3d} " + "".join(cells) + "  " + " ".join(sp))
+    print(f"\n{LAYERS} layers x (qkv + o + gate_up + down), us per decode step (lm_head excluded)")
+    for m, per in e2e(rows, ms).items():
+        base = per.get("bf16")
+        cells = [f"{k}={v:.0f}" + (f" ({base / v:.2f}x)" if base else "") for k, v in per.items()]
+        print(f"M={m:>3s}: " + "  ".join(cells))
+    print("\ntuned choices (new kernels) and rel. error vs dequantized reference")
+    for r in rows:
+        if "config" in r:
+            print(
+                f"{r['shape']:8s} M={r['m']:3d} {r['method']:6s} {r['config']}"
+                f"  err={r['rel_err']:.1e}"
+            )
+    print("\ntuner timings, M <= 4 (us per call, L2 flushed; the winner first)")
+    for key, cands in qg.tuning_timings().items():
+        if key[2] > 4:
+            continue
+        ranked = sorted(cands, key=lambda ct: ct[1])
+        cells = [f"{cfg_str(c)}={t * 1e3:.1f}" for c, t in ranked if math.isfinite(t)]
+        print(f"M={key[2]} N={key[3]} K={key[4]} bits={key[5]}: " + ", ".join(cells))
+    bad = [r for r in rows if r.get("rel_err", 0.0) > 1e-2 or "error" in r]
+    for r in bad:
+        print(f"CHECK: {r['shape']} M={r['m']} {r['method']}: {r.get('error', r.get('rel_err'))}")
+    skipped = sum(1 for r in rows if r.get("skipped"))
+    if skipped:
+        print(f"budget ({args.budget_s:.0f}s) reached: {skipped} cells skipped")
 
 
 if __name__ == "__main__":

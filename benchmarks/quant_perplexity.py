@@ -6,6 +6,10 @@ dequantized. Prints a Markdown table for benchmarks/RESULTS.md.
 
     python benchmarks/quant_perplexity.py [--tokens 20480] [--window 1024] [--skip SQ,FP8]
 
+W4A16_AWQ is AWQ's scale search + GPTQ rounding and W4A16_GPTQ GPTQ rounding, both
+calibrated layer by layer on ``--calib-size`` x ``--calib-max-seq-length`` tokens of
+the packaged calibration text (rtllm.quantization.smoothing.calibrate_sequentially).
+
 KV-cache rows run the engine (``LLM``, paged cache, ``prompt_logprobs``) on the same
 windows; their "vs float" is against the dense float row (the float-cache engine row
 shows the two paths agree).
@@ -28,13 +32,17 @@ from rtllm.quantization.perplexity import perplexity
 
 HELD_OUT = os.path.join(os.path.dirname(__file__), "..", "tests", "data", "held_out_english.txt")
 
+#: Round-to-nearest int4 g64 with zero point (the grid of the two rows above, without
+#: calibration): the float model with its decoder linears' weights fake-quantized.
+RTN_G64 = QuantConfig(quant_algo="W4A16_AWQ", group_size=64, has_zero_point=True)
 # Cheapest and most asked-for rows first: the table prints row by row.
 FORMATS: list[tuple[str, QuantConfig | None]] = [
     ("float (GGUF dequantized)", None),
     ("W4A16_AWQ (g64, zero point)",
      QuantConfig(quant_algo="W4A16_AWQ", group_size=64, has_zero_point=True)),
-    ("W4A16_GPTQ layout, RTN (g64, zero point)",
+    ("W4A16_GPTQ (GPTQ, g64, zero point)",
      QuantConfig(quant_algo="W4A16_GPTQ", group_size=64, has_zero_point=True)),
+    ("int4 g64 RTN with zero point", RTN_G64),
     ("W8A16 (int8 per channel, RTN)", QuantConfig(quant_algo="W8A16")),
     ("GGUF kept quantized (int4 g32 from Q4_1)", QuantConfig.from_gguf()),
     ("W4A16 (int4 per channel, RTN)", QuantConfig(quant_algo="W4A16")),
@@ -47,6 +55,19 @@ FORMATS: list[tuple[str, QuantConfig | None]] = [
 #: dense forward of rtllm.quantization.perplexity has no KV cache.
 KV_FORMATS = [("KV cache float (engine)", None), ("KV cache INT8 (engine)", "INT8"),
               ("KV cache FP8 (engine)", "FP8")]
+
+
+def rtn_model(path: str, config: object, quant_config: QuantConfig) -> torch.nn.Module:
+    """The float model with every decoder linear's weight round-to-nearest
+    fake-quantized to ``quant_config``'s int4 grid (same function as quantizing it)."""
+    from rtllm.layers.linear import Linear
+    from rtllm.quantization.awq import fake_quantize
+
+    model = build_model(path, config, torch.float32, torch.device("cpu"))
+    for m in model.modules():
+        if isinstance(m, Linear) and m.prefix.startswith("model.layers."):
+            m.weight.data = fake_quantize(m.weight.data, quant_config)
+    return model
 
 
 def engine_perplexity(ids: list[int], window: int, kv_algo: str | None) -> float:
@@ -88,13 +109,16 @@ def main() -> None:
     for name, quant_config in FORMATS:
         if any(p in name for p in skip):
             continue
-        if quant_config is not None and not quant_config.keep_gguf_quantized:
+        if quant_config is not None and quant_config is not RTN_G64 and not quant_config.keep_gguf_quantized:
             quant_config = QuantConfig(**{
                 **{f: getattr(quant_config, f) for f in quant_config.__dataclass_fields__},
                 "calib_size": args.calib_size, "calib_max_seq_length": args.calib_max_seq_length,
             })
         start = time.perf_counter()
-        model = build_model(path, config, torch.float32, torch.device("cpu"), quant_config=quant_config)
+        if quant_config is RTN_G64:
+            model = rtn_model(path, config, quant_config)
+        else:
+            model = build_model(path, config, torch.float32, torch.device("cpu"), quant_config=quant_config)
         ppl = perplexity(model, ids, args.window)
         base = base or ppl
         size = sum(p.numel() * p.dtype.itemsize for p in model.parameters()) / 1e6

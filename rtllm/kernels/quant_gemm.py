@@ -1,362 +1,95 @@
-"""Weight-only quantized GEMMs (W4A16, W8A16): Triton kernels that dequantize in registers.
+"""Weight-only quantized linears (W4A16, W8A16): dispatch, tiled GEMM, dequantize + cuBLAS.
 
-Packed layout (:class:`PackedInt4Weight`, :class:`PackedInt8Weight`) of a linear layer
-with ``N = out_features``, ``K = in_features``, ``bits`` 4 or 8, ``F = 32 // bits``
-codes per int32 word and ``G = K / group_size`` groups (``G = 1``: per channel)::
+Entry point :func:`quant_linear` (``x @ dequant(W)^T + bias``). Weight layout and the
+shared dequantization helper: :mod:`rtllm.kernels.quant_layout` (re-exported here, the
+historical home of the packing API). Paths, picked per ``(M bucket, N, K, format)``:
 
-    qweight  int32 [N, K / F]   row n holds output channel n's codes, packed along K
-    scales   [G, N]             scale_dtype (float16 by default)
-    zeros    [G, N]             scale_dtype, integer values in [0, 2**bits)
-    w[n, k] = (q[n, k] - zeros[k // group_size, n]) * scales[k // group_size, n]
+* ``"gemv"`` (``M <= 8``, decode): :mod:`rtllm.kernels.quant_gemv`, float32 FMAs with
+  the zero point and scale applied per block on the accumulator side.
+* ``"gemm"``: ``_gemm_kernel`` below, ``BLOCK_M x BLOCK_N`` tiles; each K step loads a
+  ``[BLOCK_N, 4*CHUNK]`` word tile once and issues ``F`` ``tl.dot`` calls, one per
+  field ``j``, against the matching ``[BLOCK_M, 4*CHUNK]`` slice of ``x`` (the order of
+  the K sum does not matter, so no unpacking shuffle is needed). Split-K over grid
+  axis 2 writes float32 partials that ``_splitk_reduce_kernel`` sums.
+* ``"dequant"`` (``M >= DEQUANT_MIN_M`` only): dequantize the weight into a 16-bit
+  scratch ``[N, K]`` and call cuBLAS. It moves ``bits/8 + 4`` bytes per weight (read
+  codes, write and re-read 16-bit values) against cuBLAS-bf16's 2, so it can only win
+  where the GEMM is compute-bound (large M) and cuBLAS's tensor-core efficiency beats
+  the tiled kernel's by more than the extra traffic costs.
 
-Words form blocks of 4 consecutive words covering ``4 * F`` input channels (32 for
-int4, 16 for int8). Field ``j`` (bits ``[bits*j, bits*(j+1))``, bit 0 least
-significant) of word ``4*b + c`` (``c`` in 0..3) holds the code of input channel
-``k = 4*F*b + 4*j + c``: field ``j`` of a block's 4 words holds 4 consecutive
-channels. E.g. int4 codes ``q[k] = k % 16`` for ``k`` in 0..31 pack to the words
-``0xC840C840, 0xD951D951, 0xEA62EA62, 0xFB73FB73`` (as int32, all negative). Why: a
-thread loads one block (16 bytes) and multiplies field ``j`` with 4 consecutive
-activations, one 8-byte load; sequential fields would need ``F`` strided loads of one
-element each. Invariants: ``K % (4*F) == 0`` and ``group_size % (4*F) == 0`` (a block
-never straddles two groups); scales/zeros are ``[G, N]`` so that a group's values for
-consecutive output channels are contiguous.
-
-Dequantization trick: for a code ``q < 2**10``, the float32 whose bits are
-``0x44800000 | (q << 13)`` is exactly ``1024 + q`` (one shift and one and-or per code,
-no int-to-float conversion, which runs at a quarter of the FMA rate). The M = 1 kernel
-accumulates ``sum_k (1024 + q_k) x_k`` and subtracts ``(1024 + zero) * sum_k x_k`` per
-block and group, then scales: about 3 instructions per code. The cancellation costs
-about 1e-5 relative error in float32, far below the 16-bit rounding of the output.
-
-Kernels (dispatched on ``M`` by :func:`quant_linear`):
-
-* ``_gemv_kernel`` (``M <= GEMV_MAX_M``, decode): a program owns ``BLOCK_N`` output
-  channels and walks K in chunks of ``CHUNK`` blocks, prefetching the next chunk into
-  registers while it computes the current one (Triton does not pipeline loads that do
-  not feed ``tl.dot``). One row of ``x`` per program (grid axis 1); weights are read
-  from DRAM once per row of ``x`` at most (programs of the same channels run together).
-* ``_gemm_kernel`` (larger ``M``): ``BLOCK_M x BLOCK_N`` tiles; each K step loads a
-  ``[BLOCK_N, 4*CHUNK]`` word tile once and issues ``F`` ``tl.dot`` calls, one per field
-  ``j``, against the matching ``[BLOCK_M, 4*CHUNK]`` slice of ``x`` (the order of the
-  K sum does not matter, so no unpacking shuffle is needed).
-
-Both split K over grid axis 2 when there are too few output tiles to fill the GPU;
-each split writes float32 partials and ``_splitk_reduce_kernel`` sums them (plus bias)
-into the output. Accumulation is float32; the output is ``x``'s dtype.
+Tuning: on CUDA, the first call of a key times the candidate configurations
+(:func:`candidates`) with ``triton.testing.do_bench`` (L2 flushed between runs) and
+caches the fastest; during CUDA graph capture, or with ``RTLLM_QUANT_TUNE=0``, the
+first candidate (the heuristic default) runs untimed. The engine's warm-up forward of
+every captured batch size runs outside the graph, so tuning happens there.
 """
 
 from __future__ import annotations
 
-import functools
-from dataclasses import dataclass
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-#: ``M`` up to which :func:`quant_linear` uses the GEMV kernel.
-GEMV_MAX_M = 1
+from rtllm.kernels.quant_gemv import GEMV_MAX_BLOCK_M, GemvConfig, quant_gemv
+from rtllm.kernels.quant_layout import (
+    MAGIC_64,
+    MAGIC_1024,
+    PackedInt4Weight,
+    PackedInt8Weight,
+    PackedQuantWeight,
+    dequant_field,
+    dequantize_int4,
+    dequantize_int8,
+    dequantize_packed,
+    dequantize_weight,
+    field_zero,
+    prepack_int4,
+    prepack_int8,
+    quant_linear_ref,
+    unpack_codes,
+)
+from rtllm.kernels.quant_tuning import (
+    DEQUANT_MIN_M,
+    GEMV_MAX_M,
+    QuantGemmConfig,
+    candidates,
+    gemm_split,
+    num_sms,
+    pick,
+    tuned_configs,
+    tuning_timings,
+)
+
+__all__ = [
+    "DEQUANT_MIN_M",
+    "GEMV_MAX_M",
+    "PackedInt4Weight",
+    "PackedInt8Weight",
+    "PackedQuantWeight",
+    "QuantGemmConfig",
+    "candidates",
+    "dequantize_weight",
+    "dequantize_int4",
+    "dequantize_int8",
+    "dequantize_packed",
+    "prepack_int4",
+    "prepack_int8",
+    "quant_linear",
+    "quant_linear_ref",
+    "tuned_configs",
+    "tuning_timings",
+    "unpack_codes",
+    "w4a16_linear",
+    "w8a16_linear",
+]
+
 _SUPPORTED_X = (torch.float16, torch.bfloat16, torch.float32)
-_MAGIC_1024 = 0x44800000  # float32 bits of 1024.0
-
-
-# ---- packed weights ----------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class PackedQuantWeight:
-    """Kernel layout of a weight-only quantized ``[N, K]`` weight (module docstring)."""
-
-    qweight: torch.Tensor  # int32 [N, K * bits / 32]
-    scales: torch.Tensor  # [G, N]
-    zeros: torch.Tensor  # [G, N], integer values
-    in_features: int
-    out_features: int
-    group_size: int  # == in_features for per-channel
-    bits: int
-
-    @property
-    def num_groups(self) -> int:
-        return self.in_features // self.group_size
-
-    @property
-    def per_channel(self) -> bool:
-        return self.group_size == self.in_features
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes a GEMM must read for the weight (codes, scales, zeros)."""
-        return sum(t.numel() * t.element_size() for t in (self.qweight, self.scales, self.zeros))
-
-    def to(self, device: torch.device | str) -> PackedQuantWeight:
-        return type(self)(
-            self.qweight.to(device),
-            self.scales.to(device),
-            self.zeros.to(device),
-            self.in_features,
-            self.out_features,
-            self.group_size,
-            self.bits,
-        )
-
-
-@dataclass(frozen=True)
-class PackedInt4Weight(PackedQuantWeight):
-    """4-bit codes, 8 per int32 word (``bits == 4``)."""
-
-
-@dataclass(frozen=True)
-class PackedInt8Weight(PackedQuantWeight):
-    """8-bit codes, 4 per int32 word (``bits == 8``)."""
-
-
-def _block_perm(in_features: int, bits: int) -> torch.Tensor:
-    """Input channel of each packed slot: slot ``F*word + j`` holds channel ``perm[slot]``."""
-    f = 32 // bits
-    word = torch.arange(in_features // f).repeat_interleave(f)
-    j = torch.arange(f).repeat(in_features // f)
-    return (word // 4) * (4 * f) + 4 * j + word % 4
-
-
-def _prepack(
-    codes: torch.Tensor,
-    zeros: torch.Tensor,
-    scales: torch.Tensor,
-    group_size: int,
-    bits: int,
-    scale_dtype: torch.dtype,
-    device: torch.device | str | None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-    if codes.dim() != 2 or zeros.dim() != 2 or scales.dim() != 2:
-        raise ValueError("codes, zeros and scales must be 2-D ([out, in], [out, G], [out, G])")
-    n, k = codes.shape
-    f = 32 // bits
-    group = k if group_size == -1 else group_size
-    if group <= 0 or k % group != 0:
-        raise ValueError(f"group_size {group_size} does not divide in_features {k}")
-    if k % (4 * f) != 0 or group % (4 * f) != 0:
-        raise ValueError(
-            f"in_features ({k}) and group_size ({group}) must be multiples of {4 * f} "
-            f"for {bits}-bit packing"
-        )
-    g = k // group
-    if zeros.shape != (n, g) or scales.shape != (n, g):
-        raise ValueError(
-            f"zeros {tuple(zeros.shape)} and scales {tuple(scales.shape)} must be [{n}, {g}]"
-        )
-    c = codes.to(torch.int64)
-    if c.numel() and (int(c.min()) < 0 or int(c.max()) >= 1 << bits):
-        raise ValueError(f"codes must be in [0, {1 << bits})")
-    z = zeros.to(torch.int64)
-    if z.numel() and (int(z.min()) < 0 or int(z.max()) >= 1 << bits):
-        raise ValueError(f"zeros must be in [0, {1 << bits})")
-    s = scales.float()
-    if not torch.isfinite(s).all() or not torch.isfinite(s.to(scale_dtype)).all():
-        raise ValueError(f"scales must be finite in {scale_dtype}")
-    slots = c[:, _block_perm(k, bits).to(c.device)].reshape(n, k // f, f)
-    shifts = torch.arange(f, device=c.device, dtype=torch.int64) * bits
-    words = (slots << shifts).sum(-1)  # < 2**32: exact in int64
-    # Reinterpret as two's complement int32 explicitly (out-of-range casts are undefined).
-    words = torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)
-    dev = codes.device if device is None else device
-    return (
-        words.contiguous().to(dev),
-        s.t().contiguous().to(scale_dtype).to(dev),
-        z.t().contiguous().to(scale_dtype).to(dev),
-        group,
-    )
-
-
-def prepack_int4(
-    codes: torch.Tensor,
-    zeros: torch.Tensor,
-    scales: torch.Tensor,
-    group_size: int,
-    scale_dtype: torch.dtype = torch.float16,
-    device: torch.device | str | None = None,
-) -> PackedInt4Weight:
-    """Internal-layout int4 weights to the kernel layout (module docstring).
-
-    Args:
-        codes: uint8 ``[out, in]`` codes in ``[0, 16)``.
-        zeros: integer ``[out, G]`` zero points in ``[0, 16)`` (symmetric: 8).
-        scales: float ``[out, G]``.
-        group_size: ``in / G``, or ``-1`` for per channel (``G = 1``); a multiple of 32.
-        scale_dtype: storage dtype of scales and zeros. float16 (the default) keeps 11
-            significant bits, so it adds < 2.5e-4 relative error per scale (scales below
-            6.1e-5 become float16 subnormals and lose more); float32 stores them exactly
-            at twice the bytes.
-        device: where the packed tensors live (default: ``codes``'s device).
-    """
-    qw, s, z, group = _prepack(codes, zeros, scales, group_size, 4, scale_dtype, device)
-    return PackedInt4Weight(qw, s, z, codes.shape[1], codes.shape[0], group, 4)
-
-
-def prepack_int8(
-    codes: torch.Tensor,
-    zeros: torch.Tensor,
-    scales: torch.Tensor,
-    group_size: int = -1,
-    scale_dtype: torch.dtype = torch.float16,
-    device: torch.device | str | None = None,
-) -> PackedInt8Weight:
-    """Internal-layout int8 weights to the kernel layout; see :func:`prepack_int4`.
-
-    ``codes`` uint8 ``[out, in]``, ``zeros`` ``[out, G]`` (symmetric per-channel int8
-    from :func:`rtn.quantize_int8_per_channel`: ``codes = q + 128``, ``zeros = 128``);
-    ``group_size`` a multiple of 16 or ``-1`` (per channel, the usual W8A16).
-    """
-    qw, s, z, group = _prepack(codes, zeros, scales, group_size, 8, scale_dtype, device)
-    return PackedInt8Weight(qw, s, z, codes.shape[1], codes.shape[0], group, 8)
-
-
-def unpack_codes(packed: PackedQuantWeight) -> torch.Tensor:
-    """Inverse of the packing: uint8 codes ``[out, in]`` in input-channel order."""
-    f = 32 // packed.bits
-    w = packed.qweight.to(torch.int64) & 0xFFFFFFFF
-    shifts = torch.arange(f, device=w.device, dtype=torch.int64) * packed.bits
-    slots = ((w.unsqueeze(-1) >> shifts) & ((1 << packed.bits) - 1)).reshape(w.shape[0], -1)
-    codes = torch.empty_like(slots)
-    codes[:, _block_perm(packed.in_features, packed.bits).to(w.device)] = slots
-    return codes.to(torch.uint8)
-
-
-def dequantize_packed(
-    packed: PackedQuantWeight, dtype: torch.dtype = torch.float32
-) -> torch.Tensor:
-    """PyTorch reference: the float ``[out, in]`` weight, ``(q - zero) * scale`` in float32
-    with the packed (stored-dtype) scales and zeros, rounded once to ``dtype``."""
-    q = unpack_codes(packed).float()
-    g = packed.group_size
-    z = packed.zeros.float().t().repeat_interleave(g, dim=1)
-    s = packed.scales.float().t().repeat_interleave(g, dim=1)
-    return ((q - z) * s).to(dtype)
-
-
-dequantize_int4 = dequantize_packed
-dequantize_int8 = dequantize_packed
-
-
-def quant_linear_ref(
-    x: torch.Tensor, packed: PackedQuantWeight, bias: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Reference of :func:`quant_linear`: dequantize to ``x``'s dtype (one rounding, as
-    the GEMM kernel's ``tl.dot`` operands are), multiply in float32, round once."""
-    w = dequantize_packed(packed, x.dtype).float()
-    y = F.linear(x.float(), w, None if bias is None else bias.float())
-    return y.to(x.dtype)
 
 
 # ---- kernels -----------------------------------------------------------------------------
-
-
-@triton.jit
-def _field(w, magic, J: tl.constexpr, BITS: tl.constexpr):
-    """Field ``J`` of int32 words ``w`` as float32 ``1024 + q`` (exact, no I2F).
-
-    ``magic`` is ``_MAGIC_1024`` passed as a kernel argument: held in a register it lets
-    ptxas fuse the and-or into one LOP3 (an immediate would take LOP3's only immediate
-    slot next to the mask, costing a second instruction per code).
-    """
-    MASK: tl.constexpr = ((1 << BITS) - 1) << 13
-    if BITS * J <= 13:  # noqa: SIM108 (constexpr branch)
-        v = (w << (13 - BITS * J)) & MASK
-    else:
-        # Arithmetic shift: the sign bits it drags in fall outside MASK.
-        v = (w >> (BITS * J - 13)) & MASK
-    return (v | magic).to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _gemv_kernel(
-    x_ptr,
-    qw_ptr,
-    s_ptr,
-    z_ptr,
-    bias_ptr,
-    out_ptr,
-    ws_ptr,
-    N,
-    num_blocks,
-    blocks_per_split,
-    group_blocks,
-    stride_xm,
-    stride_om,
-    magic,
-    BITS: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    CHUNK: tl.constexpr,
-    PER_CHANNEL: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    SPLIT: tl.constexpr,
-):
-    FIELDS: tl.constexpr = 32 // BITS
-    T: tl.constexpr = CHUNK * 4  # words per row per K step
-    pid_n = tl.program_id(0)
-    m = tl.program_id(1)
-    pid_k = tl.program_id(2)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < N
-    offs_t = tl.arange(0, T)
-    t_blk = offs_t // 4
-    # Every per-step tensor is [BLOCK_N, T] or [1, T], with the same contiguity along T,
-    # so Triton gives them one layout: x's values broadcast over the rows a thread holds
-    # without a shared-memory layout conversion.
-    w_rows = qw_ptr + offs_n.to(tl.int64)[:, None] * (num_blocks * 4) + offs_t[None, :]
-    x_cols = x_ptr + m.to(tl.int64) * stride_xm + (t_blk * (4 * FIELDS) + offs_t % 4)[None, :]
-    lo = pid_k * blocks_per_split
-    hi = tl.minimum(lo + blocks_per_split, num_blocks)
-    acc = tl.zeros([BLOCK_N, T], dtype=tl.float32)
-    sx_acc = tl.zeros([1, T], dtype=tl.float32)
-    w_next = tl.load(w_rows + lo * 4, mask=n_mask[:, None] & (lo + t_blk < hi)[None, :], other=0)
-    for start in range(lo, hi, CHUNK):
-        blk = start + t_blk
-        t_mask = (blk < hi)[None, :]
-        w = w_next
-        # Register double buffering: the next step's loads are in flight during this
-        # step's arithmetic (fully masked after the last step: no traffic).
-        w_next = tl.load(
-            w_rows + (start + CHUNK) * 4,
-            mask=n_mask[:, None] & (blk + CHUNK < hi)[None, :],
-            other=0,
-        )
-        x_blk = x_cols + start * (4 * FIELDS)
-        if PER_CHANNEL:
-            # One scale and zero per row: accumulate straight into acc, fix up at the end.
-            for j in tl.static_range(FIELDS):
-                xj = tl.load(x_blk + 4 * j, mask=t_mask, other=0.0).to(tl.float32)
-                acc += _field(w, magic, j, BITS) * xj
-                sx_acc += xj
-        else:
-            part = tl.zeros([BLOCK_N, T], dtype=tl.float32)
-            sx = tl.zeros([1, T], dtype=tl.float32)
-            for j in tl.static_range(FIELDS):
-                xj = tl.load(x_blk + 4 * j, mask=t_mask, other=0.0).to(tl.float32)
-                part += _field(w, magic, j, BITS) * xj
-                sx += xj
-            # A block lies in one group: scale and zero per (channel, block).
-            g_off = (blk // group_blocks)[None, :] * N + offs_n[:, None]
-            g_mask = n_mask[:, None] & t_mask
-            s = tl.load(s_ptr + g_off, mask=g_mask, other=0.0).to(tl.float32)
-            zc = tl.load(z_ptr + g_off, mask=g_mask, other=0.0).to(tl.float32) + 1024.0
-            acc += s * (part - zc * sx)
-    total = tl.sum(acc, axis=1)
-    if PER_CHANNEL:
-        s = tl.load(s_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-        zc = tl.load(z_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32) + 1024.0
-        total = s * (total - zc * tl.sum(sx_acc, axis=1))
-    if SPLIT:
-        row = pid_k.to(tl.int64) * tl.num_programs(1) + m
-        tl.store(ws_ptr + row * N + offs_n, total, mask=n_mask)
-    else:
-        if HAS_BIAS:
-            total += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-        tl.store(
-            out_ptr + m.to(tl.int64) * stride_om + offs_n,
-            total.to(out_ptr.dtype.element_ty),
-            mask=n_mask,
-        )
 
 
 @triton.jit
@@ -375,7 +108,8 @@ def _gemm_kernel(
     group_blocks,
     stride_xm,
     stride_om,
-    magic,
+    mag_1024,
+    mag_64,
     BITS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -407,7 +141,7 @@ def _gemm_kernel(
     hi = tl.minimum(lo + blocks_per_split, num_blocks)
     if PER_CHANNEL:
         s = tl.load(s_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
-        zc = tl.load(z_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None] + 1024.0
+        z = tl.load(z_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for start in range(lo, hi, CHUNK):
         blk = start + t_blk
@@ -417,13 +151,15 @@ def _gemm_kernel(
             g_off = (blk // group_blocks)[None, :] * N + offs_n[:, None]
             g_mask = n_mask[:, None] & t_mask[None, :]
             s = tl.load(s_ptr + g_off, mask=g_mask, other=0.0).to(tl.float32)
-            zc = tl.load(z_ptr + g_off, mask=g_mask, other=0.0).to(tl.float32) + 1024.0
+            z = tl.load(z_ptr + g_off, mask=g_mask, other=0.0).to(tl.float32)
         x_blk = x_rows + start * (4 * FIELDS)
         xt_mask = m_mask[:, None] & t_mask[None, :]
         for j in tl.static_range(FIELDS):
             xj = tl.load(x_blk + 4 * j, mask=xt_mask, other=0.0)
-            # Masked words dequantize to finite values that meet x == 0.
-            wj = ((_field(w, magic, j, BITS) - zc) * s).to(xj.dtype)
+            # Masked words dequantize to finite values that meet x == 0. The field's
+            # magic offset (1024, or 64 for odd int4 fields) and zero cancel exactly.
+            wj = dequant_field(w, mag_1024, mag_64, j, BITS) - field_zero(z, j, BITS)
+            wj = (wj * s).to(xj.dtype)
             acc = tl.dot(xj, tl.trans(wj), acc, input_precision=DOT_PRECISION)
     if SPLIT:
         ws = ws_ptr + (pid_k.to(tl.int64) * M + offs_m[:, None]) * N + offs_n[None, :]
@@ -458,39 +194,7 @@ def _splitk_reduce_kernel(
     tl.store(out_ptr + m * stride_om + offs_n, acc.to(out_ptr.dtype.element_ty), mask=n_mask)
 
 
-# ---- launcher ----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class QuantGemmConfig:
-    """Tuning overrides for :func:`quant_linear`; ``None`` fields use the heuristics.
-
-    ``kernel``: ``"gemv"`` or ``"gemm"`` (default: GEMV for ``M <= GEMV_MAX_M``);
-    ``chunk``: 4-word blocks per K step (GEMM: ``4 * chunk >= 16``, the dot's K);
-    ``split_k``: K slices (1: no partials).
-    """
-
-    kernel: str | None = None
-    block_m: int | None = None
-    block_n: int | None = None
-    chunk: int | None = None
-    split_k: int | None = None
-    num_warps: int | None = None
-    num_stages: int | None = None
-
-
-@functools.cache
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def _choose_split(tiles: int, num_blocks: int, chunk: int, num_sms: int, min_chunks: int) -> int:
-    """K slices so that ``tiles * split`` reaches about two programs per SM, each slice
-    keeping at least ``min_chunks`` K steps (the partials cost a write and a read)."""
-    if tiles >= num_sms:
-        return 1
-    steps = triton.cdiv(num_blocks, chunk)
-    return max(1, min(triton.cdiv(2 * num_sms, tiles), steps // min_chunks))
+# ---- launchers ---------------------------------------------------------------------------
 
 
 def _check(x: torch.Tensor, packed: PackedQuantWeight, bias: torch.Tensor | None) -> None:
@@ -502,6 +206,93 @@ def _check(x: torch.Tensor, packed: PackedQuantWeight, bias: torch.Tensor | None
         raise ValueError(f"weight on {packed.qweight.device}, x on {x.device}")
     if bias is not None and bias.shape != (packed.out_features,):
         raise ValueError(f"bias must be [{packed.out_features}], got {tuple(bias.shape)}")
+
+
+def _run(
+    x2: torch.Tensor,
+    packed: PackedQuantWeight,
+    bias: torch.Tensor | None,
+    out: torch.Tensor,
+    cfg: QuantGemmConfig,
+) -> None:
+    """Compute into ``out`` ``[M, N]`` with a complete configuration."""
+    m, k = x2.shape
+    n = packed.out_features
+    if cfg.kernel == "gemv":
+        gemv = GemvConfig(cfg.block_n or 8, cfg.chunk or 32, cfg.split_k or 1, cfg.num_warps or 1)
+        for r in range(0, m, GEMV_MAX_BLOCK_M):  # row tiles (M > 8 only when forced)
+            quant_gemv(
+                x2[r : r + GEMV_MAX_BLOCK_M], packed, bias, out[r : r + GEMV_MAX_BLOCK_M], gemv
+            )
+        return
+    if cfg.kernel == "dequant":
+        w = dequantize_weight(packed, x2.dtype)
+        out.copy_(F.linear(x2, w, bias))
+        return
+    if cfg.kernel != "gemm":
+        raise ValueError(f"kernel must be 'gemv', 'gemm' or 'dequant', got {cfg.kernel!r}")
+    on_gpu = x2.is_cuda
+    block_m = cfg.block_m or (16 if m <= 16 else 32 if m <= 32 else 64 if m <= 64 else 128)
+    block_n = cfg.block_n or (64 if m <= 16 or not on_gpu else 128 if m <= 64 else 256)
+    chunk = cfg.chunk or 4
+    if 4 * chunk < 16:
+        raise ValueError(f"chunk must be >= 4 for the GEMM kernel, got {chunk}")
+    num_warps = cfg.num_warps or (8 if block_m * block_n >= 128 * 128 else 4)
+    fields = 32 // packed.bits
+    num_blocks = k // (4 * fields)
+    tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
+    sms = num_sms(x2.device.index or 0) if on_gpu else 4
+    split = cfg.split_k or gemm_split(tiles, num_blocks, chunk, sms)
+    steps = triton.cdiv(num_blocks, chunk)
+    split = max(1, min(split, steps))
+    blocks_per_split = triton.cdiv(steps, split) * chunk
+    split = triton.cdiv(num_blocks, blocks_per_split)  # drop slices left empty by rounding
+    ws = torch.empty(split, m, n, dtype=torch.float32, device=x2.device) if split > 1 else out
+    has_bias = bias is not None
+    bias_arg = bias if has_bias else out  # unused when HAS_BIAS is False
+    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n), split)
+    _gemm_kernel[grid](
+        x2,
+        packed.qweight,
+        packed.scales,
+        packed.zeros,
+        bias_arg,
+        out,
+        ws,
+        m,
+        n,
+        num_blocks,
+        blocks_per_split,
+        packed.group_size // (4 * fields),
+        x2.stride(0),
+        out.stride(0),
+        MAGIC_1024,
+        MAGIC_64,
+        BITS=packed.bits,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        CHUNK=chunk,
+        PER_CHANNEL=packed.per_channel,
+        HAS_BIAS=has_bias,
+        SPLIT=split > 1,
+        DOT_PRECISION="ieee" if x2.dtype == torch.float32 else "tf32",
+        num_warps=num_warps,
+        num_stages=cfg.num_stages or 2,
+    )
+    if split > 1:
+        rb = min(1024, triton.next_power_of_2(n))
+        _splitk_reduce_kernel[(m, triton.cdiv(n, rb))](
+            ws,
+            bias_arg,
+            out,
+            m,
+            n,
+            split,
+            out.stride(0),
+            HAS_BIAS=has_bias,
+            BLOCK_N=rb,
+            num_warps=4,
+        )
 
 
 def quant_linear(
@@ -517,13 +308,13 @@ def quant_linear(
             last dim contiguous; leading dims are flattened.
         packed: from :func:`prepack_int4` / :func:`prepack_int8`, on ``x``'s device.
         bias: optional ``[N]``, added in float32.
-        config: tuning overrides (tests and the benchmark's sweep).
+        config: a forced configuration (tests, the benchmark); ``kernel=None`` tunes
+            (module docstring).
 
     Returns:
         ``[..., N]`` in ``x``'s dtype.
     """
     _check(x, packed, bias)
-    cfg = config or QuantGemmConfig()
     n, k = packed.out_features, packed.in_features
     x2 = x.reshape(-1, k)
     if x2.stride(-1) != 1:
@@ -532,96 +323,13 @@ def quant_linear(
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:
         return out.reshape(*x.shape[:-1], n)
-    on_gpu = x.device.type == "cuda"
-    sms = _num_sms(x.device.index or 0) if on_gpu else 4
-    fields = 32 // packed.bits
-    num_blocks = k // (4 * fields)
-    group_blocks = packed.group_size // (4 * fields)
-    kernel = cfg.kernel or ("gemv" if m <= GEMV_MAX_M else "gemm")
-    has_bias = bias is not None
-    bias_arg = bias if has_bias else out  # unused when HAS_BIAS is False
-    if kernel == "gemv":
-        # GPU: one warp per program and 4 words per thread along K (chunk = 32 *
-        # num_warps), so that x's [1, 4 * chunk] slices get the weight tile's layout
-        # (Triton sizes a load's per-thread vector by its elements per thread).
-        # H200 sweep (benchmarks/quant_gemm.py --sweep): 8 channels x 2 warps was best
-        # for N = 4096, 4 channels x 1 warp for N = 28672 (more programs in flight).
-        wide = n >= 16384
-        num_warps = cfg.num_warps or (1 if wide or not on_gpu else 2)
-        block_n = cfg.block_n or ((4 if wide else 8) if on_gpu else 32)
-        chunk = cfg.chunk or (32 * num_warps if on_gpu else 4)
-        tiles_n = triton.cdiv(n, block_n)
-        split = cfg.split_k or _choose_split(tiles_n * m, num_blocks, chunk, 2 * sms, 2)
-    elif kernel == "gemm":
-        block_m = cfg.block_m or (16 if m <= 16 else 32 if m <= 32 else 64 if m <= 64 else 128)
-        # H200 sweep: 16x64 (M <= 16), 64x128 (M <= 64), 128x256 with 8 warps (larger).
-        block_n = cfg.block_n or (64 if m <= 16 or not on_gpu else 128 if m <= 64 else 256)
-        chunk = cfg.chunk or 4
-        if 4 * chunk < 16:
-            raise ValueError(f"chunk must be >= 4 for the GEMM kernel, got {chunk}")
-        num_warps = cfg.num_warps or (8 if block_m * block_n >= 128 * 128 else 4)
-        tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
-        split = cfg.split_k or _choose_split(tiles, num_blocks, chunk, sms, 4)
-    else:
-        raise ValueError(f"kernel must be 'gemv' or 'gemm', got {kernel!r}")
-    steps = triton.cdiv(num_blocks, chunk)
-    split = max(1, min(split, steps))
-    blocks_per_split = triton.cdiv(steps, split) * chunk
-    split = triton.cdiv(num_blocks, blocks_per_split)  # drop slices left empty by rounding
-    ws = torch.empty(split, m, n, dtype=torch.float32, device=x.device) if split > 1 else out
-    common = dict(
-        BITS=packed.bits,
-        BLOCK_N=block_n,
-        CHUNK=chunk,
-        PER_CHANNEL=packed.per_channel,
-        HAS_BIAS=has_bias,
-        SPLIT=split > 1,
-        num_warps=num_warps,
-        num_stages=cfg.num_stages or (1 if kernel == "gemv" else 2),
-    )
-    args = (x2, packed.qweight, packed.scales, packed.zeros, bias_arg, out, ws)
-    if kernel == "gemv":
-        _gemv_kernel[(tiles_n, m, split)](
-            *args,
-            n,
-            num_blocks,
-            blocks_per_split,
-            group_blocks,
-            x2.stride(0),
-            out.stride(0),
-            _MAGIC_1024,
-            **common,
-        )
-    else:
-        grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n), split)
-        _gemm_kernel[grid](
-            *args,
-            m,
-            n,
-            num_blocks,
-            blocks_per_split,
-            group_blocks,
-            x2.stride(0),
-            out.stride(0),
-            _MAGIC_1024,
-            BLOCK_M=block_m,
-            DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-            **common,
-        )
-    if split > 1:
-        rb = min(1024, triton.next_power_of_2(n))
-        _splitk_reduce_kernel[(m, triton.cdiv(n, rb))](
-            ws,
-            bias_arg,
-            out,
-            m,
-            n,
-            split,
-            out.stride(0),
-            HAS_BIAS=has_bias,
-            BLOCK_N=rb,
-            num_warps=4,
-        )
+    if config is None or config.kernel is None:
+        picked = pick(x2, packed, bias, _run)
+        if config is not None:  # the given fields override the picked configuration
+            given = {f: getattr(config, f) for f in config.__dataclass_fields__}
+            picked = replace(picked, **{f: v for f, v in given.items() if v is not None})
+        config = picked
+    _run(x2, packed, bias, out, config)
     return out.reshape(*x.shape[:-1], n)
 
 

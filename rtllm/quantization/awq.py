@@ -27,8 +27,8 @@ import logging
 
 import torch
 
-from rtllm.quantization.calibration import ActivationStats
 from rtllm.quantization.config import QuantConfig
+from rtllm.quantization.gptq import gptq_quantize, output_error
 
 logger = logging.getLogger(__name__)
 
@@ -72,23 +72,40 @@ def fake_quantize(weight: torch.Tensor, config: QuantConfig) -> torch.Tensor:
 
 
 def awq_search_scale(
-    weight: torch.Tensor, stats: ActivationStats, amax: torch.Tensor, config: QuantConfig
+    weight: torch.Tensor,
+    gram: torch.Tensor,
+    base: torch.Tensor,
+    config: QuantConfig,
+    gptq: bool = False,
 ) -> torch.Tensor:
-    """The AWQ scale ``s`` ``[in]`` with the smallest output error (module doc);
-    ``amax`` may differ from ``stats.amax`` (o_proj: reduced over q heads sharing a KV
-    head)."""
+    """The AWQ scale ``s`` ``[in]`` with the smallest output error (module doc).
+
+    ``gram`` is ``X^T X`` ``[in, in]`` of the calibration inputs (the error of a weight
+    error ``D`` is ``tr(D X^T X D^T)``, the squared output error summed over every
+    input row); ``base`` the per-channel activation statistic (may differ from the
+    inputs' own: o_proj's is reduced over q heads sharing a KV head). With ``gptq``
+    each candidate is rounded by GPTQ (:func:`rtllm.quantization.gptq.gptq_quantize`,
+    Hessian ``diag(1/s) X^T X diag(1/s)`` of the scaled inputs ``x / s``) instead of
+    round-to-nearest: the search then picks the scale for the rounding that follows.
+    """
     w = weight.float()
-    x = stats.rows.to(w.device)
-    reference = x @ w.t()
-    base = amax.float().to(w.device).clamp(min=1e-4)
+    g = gram.float().to(w.device)
+    base = base.float().to(w.device).clamp(min=1e-4)
     best_err, best_scale, best_alpha = float("inf"), torch.ones_like(base), 0.0
     for alpha in AWQ_ALPHA_GRID:
         s = base.pow(alpha)
         s = s / (s.max() * s.min()).sqrt()
-        err = float((x @ (fake_quantize(w * s, config) / s).t() - reference).pow(2).mean())
+        if gptq:
+            h = g / (s[:, None] * s[None, :])
+            rounded = gptq_quantize(
+                w * s, h, 4, config.weight_group_size, config.has_zero_point
+            ).dequantized
+        else:
+            rounded = fake_quantize(w * s, config)
+        err = output_error(rounded / s - w, g)
         if err < best_err:
             best_err, best_scale, best_alpha = err, s, alpha
-    logger.debug("AWQ alpha %.2f, mse %.3g", best_alpha, best_err)
+    logger.debug("AWQ alpha %.2f, error %.3g", best_alpha, best_err)
     return best_scale
 
 

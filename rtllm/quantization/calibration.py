@@ -1,5 +1,18 @@
-"""Calibration: run the float model over calibration text and record, for each linear
-layer's input, the per-channel largest ``|x|`` and a sample of input rows.
+"""Calibration: run the model over calibration text and record what each linear layer's
+input looks like.
+
+Two ways:
+
+* one pass of the float model (:func:`collect_activation_stats`): per-channel largest
+  ``|x|`` and a sample of input rows per linear (SmoothQuant, static FP8, and AWQ's
+  folding alone);
+* decoder layer by decoder layer (:func:`decoder_layer_inputs`,
+  :func:`run_decoder_layer`, :func:`linear_input_stats`), for calibrations that
+  quantize layer ``i`` before they look at layer ``i + 1`` (AWQ + GPTQ, GPTQ; see
+  :func:`rtllm.quantization.smoothing.calibrate_sequentially`): the inputs of a
+  layer are kept for every sample, so a layer runs once per step instead of the whole
+  model, and a linear's statistics (:class:`InputStatistics`: Gram matrix ``X^T X``,
+  mean and largest ``|x|``) cover every calibration token.
 
 The model runs as plain PyTorch (:func:`dense_forward`): one sequence at a time, causal
 attention over the whole sequence with ``scaled_dot_product_attention`` and no KV
@@ -72,14 +85,16 @@ class DenseCausalBackend(AttentionBackend):
         return out.transpose(0, 1)
 
 
+def _dense_context(model: nn.Module) -> ForwardContext:
+    return ForwardContext(DenseCausalBackend(), None, [None] * model.config.num_hidden_layers)
+
+
 @torch.no_grad()
 def dense_forward(model: nn.Module, token_ids: torch.Tensor, logits: bool = True) -> torch.Tensor:
     """Run ``model`` (an rtllm causal LM) on one sequence ``[T]``: logits ``[T, vocab]``
     (float32) or, with ``logits=False``, final hidden states ``[T, hidden]``."""
     positions = torch.arange(token_ids.shape[0], device=token_ids.device)
-    num_layers = model.config.num_hidden_layers
-    context = ForwardContext(DenseCausalBackend(), None, [None] * num_layers)
-    with forward_context(context):
+    with forward_context(_dense_context(model)):
         hidden = model(token_ids, positions)
     return model.compute_logits(hidden).float() if logits else hidden
 
@@ -93,7 +108,17 @@ def load_calibration_text(config: QuantConfig) -> str:
         return f.read()
 
 
-def calibration_samples(tokenizer: Any, config: QuantConfig) -> list[torch.Tensor]:
+class CalibrationSet(list):  # list[torch.Tensor]
+    """Token windows ``[T]`` of a calibration text (:func:`calibration_samples`).
+
+    Statistics collected over a ``CalibrationSet`` remember it
+    (:attr:`CalibrationStats.samples`), so that :func:`rtllm.quantization.smoothing.
+    smooth_model` can run the layer-by-layer AWQ + GPTQ calibration on the same
+    samples; statistics over a plain list of token tensors only serve folding.
+    """
+
+
+def calibration_samples(tokenizer: Any, config: QuantConfig) -> CalibrationSet:
     """Up to ``calib_size`` consecutive token windows of ``calib_max_seq_length`` tokens
     from the calibration text (fewer when the text is shorter; at least one)."""
     ids = tokenizer(load_calibration_text(config), add_special_tokens=False)["input_ids"]
@@ -101,7 +126,7 @@ def calibration_samples(tokenizer: Any, config: QuantConfig) -> list[torch.Tenso
         raise ValueError("calibration text has fewer than 2 tokens")
     length = config.calib_max_seq_length
     count = max(1, min(config.calib_size, len(ids) // length))
-    samples = [torch.tensor(ids[i * length : (i + 1) * length]) for i in range(count)]
+    samples = CalibrationSet(torch.tensor(ids[i * length : (i + 1) * length]) for i in range(count))
     logger.info("calibration: %d samples of up to %d tokens", len(samples), length)
     return samples
 
@@ -112,6 +137,15 @@ class ActivationStats:
 
     amax: torch.Tensor  # [in] float32, largest |x| per input channel
     rows: torch.Tensor  # [n, in] float32, a sample of input rows
+
+
+class CalibrationStats(dict):  # dict[str, ActivationStats]
+    """:class:`ActivationStats` per linear layer name; ``samples`` is the
+    :class:`CalibrationSet` they were collected on, or ``None`` (a plain list)."""
+
+    def __init__(self, stats: dict[str, ActivationStats], samples: CalibrationSet | None) -> None:
+        super().__init__(stats)
+        self.samples = samples
 
 
 @contextlib.contextmanager
@@ -142,14 +176,124 @@ def _record_inputs(
 
 def collect_activation_stats(
     model: nn.Module, samples: list[torch.Tensor], linears: dict[str, nn.Module], seed: int = 0
-) -> dict[str, ActivationStats]:
+) -> CalibrationStats:
     """Run the float model over ``samples`` with hooks on ``linears`` (name -> layer)."""
     rows_per_sample = max(1, math.ceil(MAX_SAMPLE_ROWS / len(samples)))
     device = next(model.parameters()).device
     with _record_inputs(linears, rows_per_sample, seed) as records:
         for sample in samples:
             dense_forward(model, sample.to(device), logits=False)
-    return {
+    stats = {
         name: ActivationStats(amax, torch.cat(rows)[:MAX_SAMPLE_ROWS])
         for name, (amax, rows) in records.items()
     }
+    return CalibrationStats(stats, samples if isinstance(samples, CalibrationSet) else None)
+
+
+# --- layer by layer -------------------------------------------------------------------
+
+
+class InputStatistics:
+    """Running statistics of one linear layer's input rows ``x`` ``[n, in]`` (float32):
+    the Gram matrix ``X^T X``, the per-channel sum and largest of ``|x|``, the row
+    count."""
+
+    def __init__(self, in_features: int, device: torch.device) -> None:
+        self.gram = torch.zeros(in_features, in_features, device=device)
+        self.abs_sum = torch.zeros(in_features, device=device)
+        self.amax = torch.zeros(in_features, device=device)
+        self.count = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        """Add rows ``x`` ``[..., in]``."""
+        x = x.reshape(-1, x.shape[-1]).float()
+        self.gram.addmm_(x.t(), x)
+        ax = x.abs()
+        self.abs_sum += ax.sum(dim=0)
+        self.amax = torch.maximum(self.amax, ax.amax(dim=0))
+        self.count += x.shape[0]
+
+    @property
+    def mean_abs(self) -> torch.Tensor:
+        """Per-channel mean ``|x|`` ``[in]``."""
+        return self.abs_sum / max(self.count, 1)
+
+
+#: The arguments of one decoder layer's forward for one sample:
+#: ``(positions, hidden, residual)`` (Llama-family layers).
+LayerArgs = tuple[Any, ...]
+
+
+class _StopForward(Exception):
+    """Raised by a hook once it has what it needs from a forward pass."""
+
+
+@torch.no_grad()
+def decoder_layer_inputs(model: nn.Module, samples: list[torch.Tensor]) -> list[LayerArgs]:
+    """The arguments decoder layer 0 receives for each sample (the model runs only up
+    to it)."""
+    captured: list[LayerArgs] = []
+
+    def hook(_module: nn.Module, args: tuple[Any, ...]) -> None:
+        captured.append(args)
+        raise _StopForward
+
+    device = next(model.parameters()).device
+    handle = model.model.layers[0].register_forward_pre_hook(hook)
+    try:
+        for sample in samples:
+            with contextlib.suppress(_StopForward):
+                dense_forward(model, sample.to(device), logits=False)
+    finally:
+        handle.remove()
+    return captured
+
+
+@torch.no_grad()
+def run_decoder_layer(model: nn.Module, layer: nn.Module, inputs: list[LayerArgs]) -> list[LayerArgs]:
+    """Run ``layer`` on each sample's arguments; returns the next layer's arguments."""
+    outputs = []
+    with forward_context(_dense_context(model)):
+        for args in inputs:
+            outputs.append((args[0], *layer(*args)))
+    return outputs
+
+
+@torch.no_grad()
+def linear_input_stats(
+    model: nn.Module,
+    layer: nn.Module,
+    inputs: list[LayerArgs],
+    linears: dict[str, nn.Module],
+    stop_after: nn.Module | None = None,
+) -> dict[str, InputStatistics]:
+    """Run ``layer`` on ``inputs`` and gather :class:`InputStatistics` of the input of
+    each of ``linears`` (name -> module inside ``layer``). With ``stop_after`` (one of
+    them) each sample's pass stops once that linear's input is recorded. Forward
+    pre-hooks registered on a linear before this call run first (e.g. a
+    ``pre_quant_scale`` applied to its input) and so are seen."""
+    stats = {
+        name: InputStatistics(m.in_features, next(iter(layer.parameters())).device)
+        for name, m in linears.items()
+    }
+
+    def hook(name: str, stop: bool):
+        def record(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            stats[name].add(args[0])
+            if stop:
+                raise _StopForward
+
+        return record
+
+    handles = [
+        m.register_forward_pre_hook(hook(name, m is stop_after)) for name, m in linears.items()
+    ]
+    try:
+        with forward_context(_dense_context(model)):
+            for args in inputs:
+                with contextlib.suppress(_StopForward):
+                    layer(*args)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return stats

@@ -30,6 +30,7 @@ default) each group's weight clipping range on ``W * s`` and inputs ``x / s``.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,12 +45,31 @@ from rtllm.quantization.calibration import (
     ActivationStats,
     calibration_samples,
     collect_activation_stats,
+    decoder_layer_inputs,
+    linear_input_stats,
+    run_decoder_layer,
 )
 from rtllm.quantization.config import QuantAlgo, QuantConfig
+from rtllm.quantization.gptq import gptq_quantize, hessian
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LayerCalibration", "calibrate_and_quantize", "fake_quantize", "smooth_model"]
+__all__ = [
+    "LayerCalibration",
+    "calibrate_and_quantize",
+    "calibrate_sequentially",
+    "fake_quantize",
+    "smooth_model",
+]
+
+#: Bits of the algorithms whose weights are rounded by GPTQ (after AWQ's scales for
+#: W4A16_AWQ) in :func:`calibrate_sequentially`.
+_GPTQ_BITS = {QuantAlgo.W4A16_AWQ: 4, QuantAlgo.W4A16_GPTQ: 4, QuantAlgo.W8A16_GPTQ: 8}
+#: AWQ's per-channel activation statistic in the layer-by-layer calibration: ``"amax"``
+#: (largest ``|x|``) or ``"mean"`` (mean ``|x|``).
+AWQ_BASE = "amax"
+#: Round each AWQ scale candidate with GPTQ (instead of RTN) in the scale search.
+AWQ_SEARCH_GPTQ = False
 
 
 @dataclass(slots=True)
@@ -76,12 +96,50 @@ def _fold_rows(linear: Linear, start: int, scale: torch.Tensor) -> None:
         linear.bias.data[rows] /= scale.to(linear.bias.dtype)
 
 
-def _scale_for(
-    config: QuantConfig, linear: Linear, stats: ActivationStats, amax: torch.Tensor
-) -> torch.Tensor:
-    if config.quant_algo == QuantAlgo.W4A16_AWQ:
-        return awq_search_scale(linear.weight.data, stats, amax, config)
-    return smoothing_scale(amax.to(linear.weight.device), linear.weight.data, config.smoothquant_val)
+def _plan(layer: nn.Module, mc: Any) -> list[tuple[Linear, Any, tuple[Linear, int] | None]]:
+    """(consumer, norm it follows or None, (producer, first row) it can fold into)."""
+    attn, mlp = layer.self_attn, layer.mlp
+    return [
+        (attn.qkv_proj, layer.input_layernorm, None),
+        (mlp.gate_up_proj, layer.post_attention_layernorm, None),
+        (attn.o_proj, None, (attn.qkv_proj, attn.qkv_proj.q_size + attn.qkv_proj.kv_size)),
+        (mlp.down_proj, None, (mlp.gate_up_proj, mc.intermediate_size)),
+    ]
+
+
+@torch.no_grad()
+def _apply_scale(
+    config: QuantConfig,
+    mc: Any,
+    layer: nn.Module,
+    step: tuple[Linear, Any, tuple[Linear, int] | None],
+    s: torch.Tensor,
+) -> torch.Tensor | None:
+    """Fold ``1 / s`` of a consumer whose weight was multiplied by ``s`` (module doc);
+    returns ``1 / s`` when the layer has to keep it as its ``pre_quant_scale``."""
+    linear, norm, producer = step
+    awq = config.quant_algo == QuantAlgo.W4A16_AWQ
+    foldable = producer is not None and awq and producer[0].weight is not None
+    if config.pre_quant_scale or (norm is None and not foldable):
+        return (1.0 / s).float()
+    if norm is not None:
+        norm.weight.data /= s.to(norm.weight.dtype)
+    else:
+        target, start = producer
+        if linear is layer.self_attn.o_proj:  # one scale per KV channel
+            group = mc.num_attention_heads // mc.num_key_value_heads
+            s = s.view(mc.num_key_value_heads, group, -1)[:, 0, :].reshape(-1)
+        _fold_rows(target, start, s)
+    return None
+
+
+def _awq_base(config: QuantConfig, mc: Any, layer: nn.Module, linear: Linear, amax: torch.Tensor, mean: torch.Tensor | None) -> torch.Tensor:
+    """AWQ's per-channel activation statistic (:data:`AWQ_BASE`) of ``linear``'s input;
+    o_proj's is reduced over the q heads sharing a KV head when folded into v rows."""
+    base = mean if AWQ_BASE == "mean" and mean is not None else amax
+    if linear is layer.self_attn.o_proj and not config.pre_quant_scale:
+        base = _kv_group_amax(base, mc.num_attention_heads, mc.num_key_value_heads)
+    return base
 
 
 @torch.no_grad()
@@ -89,60 +147,153 @@ def smooth_model(
     model: nn.Module, config: QuantConfig, stats: dict[str, ActivationStats]
 ) -> dict[str, LayerCalibration]:
     """Compute AWQ / SmoothQuant scales for the float linears in ``stats`` (keyed by
-    ``Linear.prefix``), fold them (module doc) and return what each layer still needs."""
+    ``Linear.prefix``), fold them (module doc) and return what each layer still needs.
+
+    W4A16_AWQ statistics collected over a :class:`~rtllm.quantization.calibration.
+    CalibrationSet` (those of ``calibration_samples``) run the full layer-by-layer
+    AWQ + GPTQ calibration on its samples instead (:func:`calibrate_sequentially`):
+    the weights are then left on their int4 grid, ready for round-to-nearest to
+    reproduce. Statistics over other token lists only fold AWQ's scales (the float
+    model's function is unchanged).
+    """
+    samples = getattr(stats, "samples", None)
+    if config.quant_algo == QuantAlgo.W4A16_AWQ and samples is not None:
+        linears = {m.prefix: m for m in model.modules() if isinstance(m, Linear) and m.prefix in stats}
+        return calibrate_sequentially(model, config, samples, linears)
     result = {name: LayerCalibration(input_amax=float(s.amax.max())) for name, s in stats.items()}
     if config.quant_algo not in (QuantAlgo.W4A16_AWQ, QuantAlgo.W8A8_SQ_PER_CHANNEL):
         return result
     mc = model.config
     for layer in model.model.layers:
-        attn, mlp = layer.self_attn, layer.mlp
-        # (consumer, norm it follows or None, (producer, first row) it can fold into)
-        plan: list[tuple[Linear, Any, tuple[Linear, int] | None]] = [
-            (attn.qkv_proj, layer.input_layernorm, None),
-            (mlp.gate_up_proj, layer.post_attention_layernorm, None),
-            (attn.o_proj, None, (attn.qkv_proj, attn.qkv_proj.q_size + attn.qkv_proj.kv_size)),
-            (mlp.down_proj, None, (mlp.gate_up_proj, mc.intermediate_size)),
-        ]
-        for linear, norm, producer in plan:
+        for step in _plan(layer, mc):
+            linear = step[0]
             if linear.prefix not in stats or linear.weight is None:
                 continue
             layer_stats = stats[linear.prefix]
-            awq = config.quant_algo == QuantAlgo.W4A16_AWQ
-            amax = layer_stats.amax
-            if awq and linear is attn.o_proj and not config.pre_quant_scale:
-                amax = _kv_group_amax(amax, mc.num_attention_heads, mc.num_key_value_heads)
-            s = _scale_for(config, linear, layer_stats, amax)
+            if config.quant_algo == QuantAlgo.W4A16_AWQ:
+                rows = layer_stats.rows.to(linear.weight.device)
+                base = _awq_base(config, mc, layer, linear, layer_stats.amax, None)
+                s = awq_search_scale(linear.weight.data, rows.t() @ rows, base, config)
+            else:
+                s = smoothing_scale(
+                    layer_stats.amax.to(linear.weight.device), linear.weight.data, config.smoothquant_val
+                )
             linear.weight.data *= s.to(linear.weight.dtype)
-            if awq and awq_module.AWQ_CLIP:
+            if config.quant_algo == QuantAlgo.W4A16_AWQ and awq_module.AWQ_CLIP:
                 x = layer_stats.rows.to(s.device) / s
                 first = 0
-                if linear is attn.qkv_proj and not awq_module.CLIP_QK:
-                    first = attn.qkv_proj.q_size + attn.qkv_proj.kv_size
+                if linear is layer.self_attn.qkv_proj and not awq_module.CLIP_QK:
+                    first = linear.q_size + linear.kv_size
                 awq_search_clip(linear.weight.data, x, config, slice(first, linear.out_features))
-            foldable = producer is not None and awq and producer[0].weight is not None
-            if config.pre_quant_scale or (norm is None and not foldable):
-                result[linear.prefix].pre_quant_scale = (1.0 / s).float()
-            elif norm is not None:
-                norm.weight.data /= s.to(norm.weight.dtype)
-            else:
-                target, start = producer
-                if linear is attn.o_proj:  # one scale per KV channel
-                    group = mc.num_attention_heads // mc.num_key_value_heads
-                    s = s.view(mc.num_key_value_heads, group, -1)[:, 0, :].reshape(-1)
-                _fold_rows(target, start, s)
+            result[linear.prefix].pre_quant_scale = _apply_scale(config, mc, layer, step, s)
     return result
 
 
+@torch.no_grad()
+def calibrate_sequentially(
+    model: nn.Module, config: QuantConfig, samples: list[torch.Tensor], linears: dict[str, Linear]
+) -> dict[str, LayerCalibration]:
+    """AWQ scale search + GPTQ rounding (W4A16_AWQ), or GPTQ rounding alone
+    (W4A16_GPTQ, W8A16_GPTQ), of the float ``linears`` (prefix -> layer), decoder layer
+    by decoder layer on ``samples``.
+
+    For each decoder layer, on the inputs it receives from the layers before it, *as
+    already quantized*:
+
+    1. AWQ only: one pass records each linear's input statistics; each linear's scale
+       ``s`` is searched (:func:`~rtllm.quantization.awq.awq_search_scale`, error over
+       every calibration token through ``X^T X``) and folded (module doc) -- all four
+       before any rounding, since o_proj's and down_proj's fold into qkv's / gate_up's
+       rows;
+    2. in execution order (qkv, o, gate_up, down), each linear's inputs are recorded
+       again with the linears before it already rounded (and smoothed), and its weight
+       is rounded by :func:`~rtllm.quantization.gptq.gptq_quantize` with the Hessian of
+       those inputs;
+    3. the layer runs once more to give the next layer its inputs.
+
+    The rounded weights stay in the float model as ``(q - zero) * scale`` (the float
+    forward of the later steps is the quantized model's); re-quantizing them with
+    round-to-nearest reproduces GPTQ's codes exactly (see :mod:`rtllm.quantization.
+    gptq`), so :func:`rtllm.quantization.linear_method.quantize_float` and ``rtllm
+    quantize`` store them unchanged. Returns what each layer still needs.
+    """
+    mc = model.config
+    bits = _GPTQ_BITS[config.quant_algo]
+    awq = config.quant_algo == QuantAlgo.W4A16_AWQ
+    result: dict[str, LayerCalibration] = {}
+    handles = []
+    start = time.perf_counter()
+    inputs = decoder_layer_inputs(model, samples)
+    try:
+        layers = list(model.model.layers)
+        for index, layer in enumerate(layers):
+            plan = [s for s in _plan(layer, mc) if s[0].prefix in linears and s[0].weight is not None]
+            if awq and plan:
+                stats = linear_input_stats(model, layer, inputs, {s[0].prefix: s[0] for s in plan})
+                for step in plan:
+                    linear = step[0]
+                    st = stats[linear.prefix]
+                    base = _awq_base(config, mc, layer, linear, st.amax, st.mean_abs)
+                    s = awq_search_scale(linear.weight.data, st.gram, base, config, gptq=AWQ_SEARCH_GPTQ)
+                    linear.weight.data *= s.to(linear.weight.dtype)
+                    pqs = _apply_scale(config, mc, layer, step, s)
+                    result[linear.prefix] = LayerCalibration(pre_quant_scale=pqs)
+                    if pqs is not None:  # the float forward applies it as the layer will
+                        handles.append(linear.register_forward_pre_hook(_scale_input(pqs)))
+            order = {id(m): i for i, m in enumerate(_execution_order(layer))}
+            for linear, _, _ in sorted(plan, key=lambda s: order[id(s[0])]):
+                st = linear_input_stats(model, layer, inputs, {linear.prefix: linear}, linear)[linear.prefix]
+                rounded = gptq_quantize(
+                    linear.weight.data, hessian(st.gram, st.count), bits,
+                    config.weight_group_size, config.has_zero_point,
+                )
+                linear.weight.data.copy_(rounded.dequantized.to(linear.weight.dtype))
+                calib = result.setdefault(linear.prefix, LayerCalibration())
+                calib.input_amax = float(st.amax.max())
+            if index + 1 < len(layers):
+                inputs = run_decoder_layer(model, layer, inputs)
+            logger.debug("calibrated layer %d (%.1f s)", index, time.perf_counter() - start)
+    finally:
+        for handle in handles:
+            handle.remove()
+    logger.info(
+        "%s: %d linear layers rounded on %d samples in %.1f s",
+        "AWQ + GPTQ" if awq else "GPTQ", len(result), len(samples), time.perf_counter() - start,
+    )
+    return result
+
+
+def _execution_order(layer: nn.Module) -> list[Linear]:
+    attn, mlp = layer.self_attn, layer.mlp
+    return [attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj]
+
+
+def _scale_input(scale: torch.Tensor):
+    def hook(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        return (args[0] * scale.to(args[0].dtype), *args[1:])
+
+    return hook
+
+
+def needs_sequential_calibration(config: QuantConfig) -> bool:
+    """AWQ + GPTQ and GPTQ calibrate layer by layer (:func:`calibrate_sequentially`)."""
+    return config.quant_algo in _GPTQ_BITS
+
+
 def calibrate_and_quantize(model: nn.Module, config: QuantConfig, model_path: str) -> None:
-    """Calibrate the float linears awaiting it (AWQ, SmoothQuant, static FP8) on
-    ``config``'s calibration text, smooth and quantize them."""
+    """Calibrate the float linears awaiting it (AWQ, GPTQ, SmoothQuant, static FP8) on
+    ``config``'s calibration text, smooth / round and quantize them."""
     from rtllm.llmapi.tokenizer import load_tokenizer
 
     linears = {
         m.prefix: m for m in model.modules() if isinstance(m, Linear) and m.awaiting_calibration
     }
     samples = calibration_samples(load_tokenizer(model_path), config)
-    calibrations = smooth_model(model, config, collect_activation_stats(model, samples, linears))
+    if needs_sequential_calibration(config):
+        calibrations = calibrate_sequentially(model, config, samples, linears)
+    else:
+        stats = collect_activation_stats(model, samples, linears)
+        calibrations = smooth_model(model, config, stats)
     for name, linear in linears.items():
         calib = calibrations[name]
         linear.quantize_float_weight(calib.pre_quant_scale, calib.input_amax)

@@ -1,10 +1,11 @@
-"""W4A16 / W8A16 Triton GEMMs against the dequantize-then-matmul reference.
+"""W4A16 / W8A16 Triton GEMV / GEMM / dequantize paths against the dequantize-then-matmul
+reference (``rtllm.kernels.quant_gemm``, ``quant_gemv``, ``quant_layout``, ``quant_tuning``).
 
 CPU runs go through Triton's interpreter (tiny shapes, float16/float32: the
 interpreter's bf16 ``tl.dot`` is not trustworthy). Tolerances are on the normalized
 error ``||out - ref|| / ||ref||`` plus an elementwise bound scaled by ``rms(ref)``:
 
-* float32 activations: 5e-5 (the GEMV kernel's ``1024 + q`` cancellation costs ~1e-5);
+* float32 activations: 5e-5 (the GEMV kernel's magic-offset cancellation costs ~1e-5);
 * float16: 2e-3; bfloat16 (GPU): 1e-2. The reference rounds the dequantized weight to
   the activation dtype like the GEMM kernel's ``tl.dot`` operands; the GEMV kernel keeps
   float32 weights, one 16-bit ulp or so away.
@@ -18,10 +19,14 @@ import torch
 pytest.importorskip("triton")
 
 from rtllm.kernels.quant_gemm import (  # noqa: E402
+    DEQUANT_MIN_M,
+    GEMV_MAX_M,
     PackedInt4Weight,
     PackedInt8Weight,
     QuantGemmConfig,
+    candidates,
     dequantize_packed,
+    dequantize_weight,
     prepack_int4,
     prepack_int8,
     quant_linear,
@@ -136,7 +141,7 @@ def test_prepack_rejects_bad_inputs() -> None:
 
 # ---- kernels on CPU (interpreter) ----------------------------------------------------------
 
-_QUANTS = [(4, 32), (4, 128), (4, -1), (8, -1), (8, 16)]
+_QUANTS = [(4, 32), (4, 64), (4, 128), (4, -1), (8, -1), (8, 16)]
 
 
 @pytest.mark.parametrize(("bits", "group_size"), _QUANTS)
@@ -144,17 +149,60 @@ _QUANTS = [(4, 32), (4, 128), (4, -1), (8, -1), (8, 16)]
 def test_gemv_matches_reference(
     device: torch.device, bits: int, group_size: int, dtype: torch.dtype
 ) -> None:
-    n, k = 72, 256  # 72: the last channel block is partial
+    # N = 13: partial channel tile; K = 384: 12 int4 / 24 int8 blocks, so 8 blocks per
+    # step leave a partial last step.
+    n, k = 13, 384
     p = random_packed(n, k, bits, group_size, device, seed=bits + group_size)
     gen = torch.Generator().manual_seed(1)
     bias = torch.randn(n, generator=gen).to(device, dtype)
-    for m in (1, 3):
+    cfg = QuantGemmConfig(kernel="gemv", block_n=8, chunk=8, split_k=1, num_warps=1)
+    for m in (1, 3, 8):
         x = torch.randn(m, k, generator=gen).to(device, dtype)
-        out = quant_linear(x, p, bias, QuantGemmConfig(kernel="gemv"))
-        assert_matches(out, quant_linear_ref(x, p, bias))
+        out = quant_linear(x, p, bias if m != 3 else None, cfg)
+        assert_matches(out, quant_linear_ref(x, p, bias if m != 3 else None))
 
 
-@pytest.mark.parametrize(("bits", "group_size"), _QUANTS)
+@pytest.mark.parametrize(("bits", "group_size"), [(4, 64), (8, -1)])
+@pytest.mark.parametrize("split_k", [2, 3])
+def test_gemv_split_k_single_launch(
+    device: torch.device, bits: int, group_size: int, split_k: int
+) -> None:
+    """Split-K partials reduced by the last slice; the counters reset between calls."""
+    n, k = 24, 512
+    p = random_packed(n, k, bits, group_size, device, seed=split_k)
+    gen = torch.Generator().manual_seed(3)
+    bias = torch.randn(n, generator=gen).to(device, torch.float16)
+    cfg = QuantGemmConfig(kernel="gemv", block_n=4, chunk=4, split_k=split_k, num_warps=1)
+    for m in (1, 3):
+        x = torch.randn(m, k, generator=gen).to(device, torch.float16)
+        assert_matches(quant_linear(x, p, bias, cfg), quant_linear_ref(x, p, bias))
+    from rtllm.kernels.quant_gemv import _counters
+
+    assert int(_counters[torch.device(device)].abs().sum()) == 0
+
+
+def test_gemv_row_tiles_beyond_block_m(device: torch.device) -> None:
+    """A forced GEMV with M > 8 runs row tiles of 8."""
+    n, k = 16, 128
+    p = random_packed(n, k, 4, 32, device)
+    x = torch.randn(11, k, generator=torch.Generator().manual_seed(5)).to(device, torch.float16)
+    cfg = QuantGemmConfig(kernel="gemv", block_n=4, chunk=4, split_k=1, num_warps=1)
+    assert_matches(quant_linear(x, p, None, cfg), quant_linear_ref(x, p))
+
+
+@pytest.mark.parametrize(("bits", "group_size"), [(4, 32), (4, -1), (8, 16), (8, -1)])
+def test_dequantize_weight_kernel(device: torch.device, bits: int, group_size: int) -> None:
+    n, k = 20, 256
+    p = random_packed(n, k, bits, group_size, device, seed=9)
+    torch.testing.assert_close(
+        dequantize_weight(p, torch.float32), dequantize_packed(p).to(device), rtol=0, atol=0
+    )
+    x = torch.randn(5, k, generator=torch.Generator().manual_seed(6)).to(device, torch.float16)
+    out = quant_linear(x, p, None, QuantGemmConfig(kernel="dequant"))
+    assert_matches(out, quant_linear_ref(x, p))
+
+
+@pytest.mark.parametrize(("bits", "group_size"), [(4, 32), (4, 128), (4, -1), (8, -1), (8, 16)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_gemm_matches_reference(
     device: torch.device, bits: int, group_size: int, dtype: torch.dtype
@@ -169,17 +217,36 @@ def test_gemm_matches_reference(
         assert_matches(out, quant_linear_ref(x, p, bias))
 
 
-@pytest.mark.parametrize("kernel", ["gemv", "gemm"])
-@pytest.mark.parametrize("split_k", [2, 3])
-def test_split_k(device: torch.device, kernel: str, split_k: int) -> None:
+def test_gemm_split_k(device: torch.device) -> None:
     n, k = 48, 384
-    p = random_packed(n, k, 4, 64, device, seed=split_k)
+    p = random_packed(n, k, 4, 64, device, seed=2)
     gen = torch.Generator().manual_seed(3)
-    m = 1 if kernel == "gemv" else 5
-    x = torch.randn(m, k, generator=gen).to(device, torch.float16)
+    x = torch.randn(5, k, generator=gen).to(device, torch.float16)
     bias = torch.randn(n, generator=gen).to(device, torch.float16)
-    cfg = QuantGemmConfig(kernel=kernel, chunk=4, split_k=split_k, block_m=16, block_n=16)
+    cfg = QuantGemmConfig(kernel="gemm", chunk=4, split_k=3, block_m=16, block_n=16)
     assert_matches(quant_linear(x, p, bias, cfg), quant_linear_ref(x, p, bias))
+
+
+@pytest.mark.parametrize("m", [1, 4, 8, 16, 64, 2048])
+@pytest.mark.parametrize(("k", "n"), [(4096, 6144), (4096, 28672), (14336, 4096)])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_candidates(m: int, k: int, n: int, bits: int) -> None:
+    """Every tuning candidate is launchable: GEMV only up to GEMV_MAX_M and within its
+    register budget, dequantize-then-cuBLAS only from DEQUANT_MIN_M."""
+    cands = candidates(m, n, k, bits, num_sms=132)
+    assert cands and len(cands) <= 10
+    kinds = {c.kernel for c in cands}
+    assert ("gemv" in kinds) == (m <= GEMV_MAX_M)
+    assert ("gemm" in kinds) == (m > 1)
+    assert ("dequant" in kinds) == (m >= DEQUANT_MIN_M)
+    for c in cands:
+        if c.kernel == "gemv":
+            assert c.chunk == 32 * c.num_warps and c.split_k >= 1
+            assert triton_next_pow2(m) * c.block_n <= 16
+
+
+def triton_next_pow2(v: int) -> int:
+    return 1 << (v - 1).bit_length()
 
 
 def test_dispatch_leading_dims_and_strided_rows(device: torch.device) -> None:
@@ -213,6 +280,10 @@ def test_launcher_rejects_bad_inputs() -> None:
         w4a16_linear(x, p4, torch.zeros(8))
     with pytest.raises(ValueError, match="kernel"):
         quant_linear(x, p4, config=QuantGemmConfig(kernel="fast"))
+    with pytest.raises(ValueError, match="power of two"):
+        quant_linear(x, p4, config=QuantGemmConfig(kernel="gemv", block_n=8, chunk=24))
+    with pytest.raises(ValueError, match="chunk"):
+        quant_linear(x, p4, config=QuantGemmConfig(kernel="gemm", chunk=2))
 
 
 # ---- GPU ---------------------------------------------------------------------------------
@@ -227,9 +298,12 @@ _LLAMA_SHAPES = [(4096, 4096), (4096, 28672), (14336, 4096)]  # (K, N): o, gate_
 @pytest.mark.parametrize(("bits", "group_size"), [(4, 128), (8, -1)])
 def test_gpu_llama_shapes(dtype: torch.dtype, k: int, n: int, bits: int, group_size: int) -> None:
     p = random_packed(n, k, bits, group_size, "cuda", seed=k + n)
-    for m in (1, 8, 64, 256):
+    for m in (1, 3, 8, 16, 64, 256):
         x = torch.randn(m, k, device="cuda", dtype=dtype)
-        assert_matches(quant_linear(x, p), quant_linear_ref(x, p))
+        ref = quant_linear_ref(x, p)
+        assert_matches(quant_linear(x, p), ref)  # tuned
+        for cfg in candidates(m, n, k, bits, 132):  # every candidate, not only the winner
+            assert_matches(quant_linear(x, p, None, cfg), ref)
 
 
 @pytest.mark.gpu
@@ -246,13 +320,16 @@ def test_gpu_groups_and_bias(bits: int, group_size: int, m: int) -> None:
 
 @pytest.mark.gpu
 @requires_cuda
-def test_gpu_cuda_graph_replay() -> None:
+@pytest.mark.parametrize("split_k", [1, 4])
+def test_gpu_cuda_graph_replay(split_k: int) -> None:
     p = random_packed(2048, 1024, 4, 128, "cuda")
     x = torch.randn(1, 1024, device="cuda", dtype=torch.bfloat16)
-    quant_linear(x, p)  # compile before capture
+    cfg = QuantGemmConfig(kernel="gemv", block_n=8, chunk=32, split_k=split_k, num_warps=1)
+    quant_linear(x, p, None, cfg)  # compile before capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = quant_linear(x, p)
-    x.copy_(torch.randn_like(x))
-    graph.replay()
-    assert_matches(out, quant_linear_ref(x, p))
+        out = quant_linear(x, p, None, cfg)
+    for _ in range(3):  # replays reuse the split-K counters: they must come back to 0
+        x.copy_(torch.randn_like(x))
+        graph.replay()
+        assert_matches(out, quant_linear_ref(x, p))
