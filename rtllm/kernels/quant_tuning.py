@@ -74,21 +74,27 @@ def candidates(
     if m <= GEMV_MAX_M:
         # GEMV (block_n, num_warps) by BLOCK_M: registers hold BLOCK_M * block_n * 4
         # float32 partial sums per thread; sm_90 compiles of these (ptxas, no GPU
-        # needed) do not spill, except block_n = 16 with int4 groups (left out).
+        # needed) do not spill, except where left out (int4 groups with block_n = 16,
+        # per-channel/int8 with BLOCK_M = 2 and block_n = 8).
         block_m = triton.next_power_of_2(m)
-        wide = 16 if per_channel or bits == 8 else 8
+        grouped4 = bits == 4 and not per_channel
         tiles_by_m = {
-            1: ((8, 1), (4, 1), (wide, 1), (8, 2)),
-            2: ((8, 1), (4, 1), (4, 2)),
+            1: ((8, 1), (4, 1), (8 if grouped4 else 16, 1), (8, 2), (4, 4)),
+            2: ((8, 1), (4, 1), (4, 2)) if grouped4 else ((4, 1), (2, 1), (4, 2)),
             4: ((4, 1), (2, 1), (4, 2)),
             8: ((2, 1), (1, 1), (2, 2)),
         }
+        fields = 32 // bits
         for block_n, warps in dict.fromkeys(tiles_by_m[block_m]):
             out.append(QuantGemmConfig("gemv", None, block_n, 32 * warps, 1, warps))
-            # Split-K when the channel tiles alone leave SMs with fewer than 2 warps.
-            tiles = triton.cdiv(n, block_n)
-            if tiles * warps < 2 * num_sms:
-                split = triton.cdiv(4 * num_sms, tiles * warps)
+            # Bytes in flight: each warp has one step of loads outstanding (block_n x
+            # 512 B), so N / block_n programs hold N x 512 B per warp-width whatever
+            # block_n is: ~16 KB per SM at N = 4096, a quarter of what hides DRAM
+            # latency. Split-K multiplies it; aim at ~8 warps per SM, >= 2 steps each.
+            warps_total = triton.cdiv(n, block_n) * warps
+            steps = triton.cdiv(k // (4 * fields), 32 * warps)
+            split = min(triton.cdiv(8 * num_sms, warps_total), steps // 2)
+            if split > 1:
                 out.append(QuantGemmConfig("gemv", None, block_n, 32 * warps, split, warps))
     if m > 1:
         # GEMM tiles (H200 sweeps of the previous kernel: 16x64 for M <= 16, 64x128 for
@@ -97,7 +103,7 @@ def candidates(
             tiles = [(16, 64, 4), (16, 128, 4), (16, 32, 4)]
         elif m <= 64:
             bm = 32 if m <= 32 else 64
-            tiles = [(bm, 128, 4), (bm, 64, 4), (bm, 256, 8)]
+            tiles = [(bm, 128, 4), (bm, 64, 4), (bm, 128, 8)]
         else:
             tiles = [(128, 256, 8), (128, 128, 8), (64, 128, 4)]
         for bm, bn, warps in tiles:
