@@ -33,10 +33,14 @@ if [[ $parts == *throughput* ]]; then
 fi
 if [[ $parts == *serve70b* ]]; then
   printf 'skip_tokenizer_init: true\n' > /tmp/skip_tok.yaml
-  python3 -m rtllm.cli --log-level INFO serve --model benchmarks/configs/llama3-70b --load-format dummy --tp-size 2 \
+  python3 -m rtllm.cli --log-level INFO serve benchmarks/configs/llama3-70b --load-format dummy --tp-size 2 \
     --port 8123 --max-batch-size 8 --max-seq-len 4096 --config /tmp/skip_tok.yaml > "$OUT/serve70b.log" 2>&1 &
   pid=$!
-  for _ in $(seq 1 400); do curl -sf localhost:8123/health > /dev/null && break; sleep 1; done
+  for _ in $(seq 1 400); do
+    curl -sf localhost:8123/health > /dev/null && break
+    kill -0 $pid 2>/dev/null || { echo "server exited"; tail -5 "$OUT/serve70b.log"; break; }
+    sleep 1
+  done
   curl -s localhost:8123/health; echo
   start=$(date +%s.%N)
   curl -s localhost:8123/v1/completions -H 'Content-Type: application/json' \

@@ -91,7 +91,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=20480, help="tokens evaluated (>= 20k)")
     parser.add_argument("--window", type=int, default=1024, help="tokens per window")
-    parser.add_argument("--calib-size", type=int, default=16, help="calibration samples")
+    parser.add_argument("--calib-size", type=int, default=40, help="calibration samples")
     parser.add_argument("--calib-max-seq-length", type=int, default=256, help="tokens per sample")
     parser.add_argument("--skip", default="", help="comma-separated substrings of rows to skip")
     args = parser.parse_args()

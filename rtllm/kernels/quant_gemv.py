@@ -5,8 +5,8 @@ every weight once, so the kernel must stream the int32 words at DRAM speed while
 spending as few instructions per code as possible (an H200 issues about 33e12 thread
 instructions/s and must consume 9.6e12 int4 codes/s at 4.8 TB/s). Per code it issues
 one LOP3 (field + magic number, :func:`dequant_field`), one FFMA per row of ``x`` and
-half a shift (int4); the zero point, the magic offset and the scale are applied once
-per (channel, 32-code block) on the float32 side, using
+3/8 of a shift (int4; int8: 3/4); the zero point, the magic offset and the scale are
+applied once per (channel, block of one thread's codes) on the float32 side, using
 
     sum_k (q_k - z) s x_k = s * (sum_k (off_k + q_k) x_k - sum_k off_k x_k - z sum_k x_k)
 
@@ -22,8 +22,8 @@ Loads of the next step are issued before the current step's arithmetic (register
 double buffering; Triton does not pipeline loads that do not feed ``tl.dot``). The
 only masks in the loop are on ``x`` (blocks past the slice read the last block and
 meet ``x == 0``). Compiled for sm_90 (ptxas), the loop of the int4 g128 kernel with
-``BLOCK_N = 8`` issues ~3.8 instructions per code (per channel: ~3.2, int8: ~3.7),
-against ~8.7 for the kernel it replaced.
+``BLOCK_N = 8`` issues ~3.6 instructions per code (int4 per channel: ~3.0, int8 per
+channel: ~3.4), against ~8.7 / 4.8 / 5.4 for the kernel it replaced.
 
 Split-K (grid axis 2, for shapes with too few channel tiles to fill the GPU): each
 slice writes float32 partials, then bumps a per-tile counter; the last slice to
@@ -41,7 +41,13 @@ import torch
 import triton
 import triton.language as tl
 
-from rtllm.kernels.quant_layout import MAGIC_64, MAGIC_1024, PackedQuantWeight, dequant_field
+from rtllm.kernels.quant_layout import (
+    HIGH_PARITY,
+    MAGIC_64,
+    MAGIC_1024,
+    PackedQuantWeight,
+    dequant_field,
+)
 
 #: Largest ``BLOCK_M`` (rows of ``x`` per program); larger M loops over row tiles.
 GEMV_MAX_BLOCK_M = 8
@@ -141,21 +147,21 @@ def _gemv_kernel(
             fj = dequant_field(w, mag_1024, mag_64, j, BITS)
             if PER_CHANNEL:
                 acc4 += fj * xj
-                if BITS == 4 and j % 2 == 1:
-                    sx_hi += xj
-                else:
-                    sx_lo += xj
             elif j == 0:
                 part = fj * xj
-                sx_lo = xj
             else:
                 part += fj * xj
-                if BITS == 4 and j == 1:
-                    sx_hi = xj
-                elif BITS == 4 and j % 2 == 1:
+            # x sums of the offset-64 ("high") and offset-1024 fields
+            # (quant_layout.dequant_field); groupwise: the first of each initialises.
+            if BITS == 4 and j % 2 == HIGH_PARITY:
+                if PER_CHANNEL or j >= 2:
                     sx_hi += xj
                 else:
-                    sx_lo += xj
+                    sx_hi = xj
+            elif PER_CHANNEL or j >= 2 or (BITS == 8 and j >= 1):
+                sx_lo += xj
+            else:
+                sx_lo = xj
         if not PER_CHANNEL:
             # Per (block, row, channel): a block's 4 words are one thread's, so these
             # sums stay in registers; one block lies in one group.

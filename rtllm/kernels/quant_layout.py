@@ -10,13 +10,16 @@ codes per int32 word and ``G = K / group_size`` groups (``G = 1``: per channel):
     w[n, k] = (q[n, k] - zeros[k // group_size, n]) * scales[k // group_size, n]
 
 Words form blocks of 4 consecutive words covering ``4 * F`` input channels (32 for
-int4, 16 for int8). Field ``j`` (bits ``[bits*j, bits*(j+1))``, bit 0 least
-significant) of word ``4*b + c`` (``c`` in 0..3) holds the code of input channel
-``k = 4*F*b + 4*j + c``: field ``j`` of a block's 4 words holds 4 consecutive
-channels. E.g. int4 codes ``q[k] = k % 16`` for ``k`` in 0..31 pack to the words
-``0xC840C840, 0xD951D951, 0xEA62EA62, 0xFB73FB73`` (as int32, all negative). Why: a
-thread loads one block (16 bytes, one vector load) and multiplies field ``j`` with 4
-consecutive activations. Invariants: ``K % (4*F) == 0`` and ``group_size % (4*F) == 0``
+int4, 16 for int8). Field ``j`` of word ``4*b + c`` (``c`` in 0..3) holds the code of
+input channel ``k = 4*F*b + 4*j + c``: field ``j`` of a block's 4 words holds 4
+consecutive channels. Field ``j`` is bits ``[bits*j, bits*(j+1))`` (bit 0 least
+significant) of the word rotated right by ``rot`` (:data:`WORD_ROTATION`: 1 for int4,
+5 for int8): stored words are rotated left by ``rot``, which saves one shift per word
+in :func:`dequant_field`. E.g. int4 codes ``q[k] = k % 16`` for ``k`` in 0..31 pack
+to ``0xC840C840, 0xD951D951, 0xEA62EA62, 0xFB73FB73`` before the rotation and
+``0x90819081, 0xB2A3B2A3, 0xD4C5D4C5, 0xF6E7F6E7`` after (as int32, all negative).
+Why: a thread loads one block (16 bytes, one vector load) and multiplies field ``j``
+with 4 consecutive activations. Invariants: ``K % (4*F) == 0`` and ``group_size % (4*F) == 0``
 (a block never straddles two groups); scales/zeros are ``[G, N]`` so that a group's
 values for consecutive output channels are contiguous.
 
@@ -27,8 +30,8 @@ Dequantization (:func:`dequant_field`, shared by the GEMV and the tiled GEMM): t
 float32 whose bits are ``magic | (q << P)`` with ``magic`` the bits of ``2**(23 - P)``
 is exactly ``2**(23 - P) + q`` (one shift and one and-or per code, no int-to-float
 conversion, which runs at a quarter of the FMA rate). A field is moved to ``P = 13``
-(offset 1024) or, for odd int4 fields, ``P = 17`` (offset 64), so that fields ``2i``
-and ``2i + 1`` of a word share one shifted copy: 4 shifts per 8 codes instead of 8.
+(offset 1024) or, for even int4 fields, ``P = 17`` (offset 64), so that pairs of int4
+fields share one shifted copy: 3 shift-like instructions per 8 codes instead of 8.
 Kernels subtract ``offset + zero`` exactly (GEMM) or fold it into a per-block
 correction of the float32 accumulator (GEMV, see :mod:`rtllm.kernels.quant_gemv`).
 """
@@ -45,32 +48,39 @@ import triton.language as tl
 #: float32 bits of 1024.0 and 64.0: the magic numbers of fields moved to bit 13 / 17.
 MAGIC_1024 = 0x44800000
 MAGIC_64 = 0x42800000
-
-
-@triton.jit
-def field_offset(J: tl.constexpr, BITS: tl.constexpr) -> tl.constexpr:
-    """The offset :func:`dequant_field` adds to field ``J``'s code (1024 or 64)."""
-    if BITS == 4 and J % 2 == 1:
-        return 64.0
-    return 1024.0
+#: Left rotation of packed words (int4: 1 bit, int8: 5 bits); see :func:`dequant_field`.
+WORD_ROTATION = {4: 1, 8: 5}
+#: int4 fields ``J`` with ``J % 2 == HIGH_PARITY`` dequantize at bit 17 (offset 64), the
+#: others (and every int8 field) at bit 13 (offset 1024).
+HIGH_PARITY = tl.constexpr(0)
 
 
 @triton.jit
 def dequant_field(w, mag_1024, mag_64, J: tl.constexpr, BITS: tl.constexpr):
     """Field ``J`` of int32 words ``w`` as float32 ``offset + q`` (exact, no I2F).
 
-    ``offset`` is 1024 (field at bit 13), or 64 for odd int4 fields (bit 17): field
-    ``2i + 1`` sits 4 bits above field ``2i``, so both come from one shifted copy
-    (ptxas reuses the shift). ``mag_1024`` / ``mag_64`` are :data:`MAGIC_1024` /
+    Words are stored rotated left by :data:`WORD_ROTATION` bits, so field ``J`` sits
+    at bit ``(BITS * J + rot) % 32``. A field is moved to bit 13 (offset 1024) or, for
+    int4 fields of parity :data:`HIGH_PARITY`, bit 17 (offset 64): int4 fields 3 and 4
+    are there already, fields (1, 2) and (5, 6) need one shift by 8 each, and fields
+    (7, 0) one swap of the 16-bit halves (field 7 wraps around bit 31, hence the
+    rotation): 3 shift-like instructions per 8 codes instead of 4 without it (int8:
+    field 1 in place, 3 instructions per 4 codes). ptxas reuses a shifted copy for
+    both fields of a pair. ``mag_1024`` / ``mag_64`` are :data:`MAGIC_1024` /
     :data:`MAGIC_64` passed as kernel arguments: in registers they let ptxas fuse the
     and-or into one LOP3 (an immediate would take LOP3's only immediate slot next to
     the mask, costing a second instruction per code).
     """
-    HIGH: tl.constexpr = BITS == 4 and J % 2 == 1
+    HIGH: tl.constexpr = BITS == 4 and J % 2 == HIGH_PARITY
     POS: tl.constexpr = 17 if HIGH else 13
-    SHIFT: tl.constexpr = POS - BITS * J
+    ROT: tl.constexpr = 1 if BITS == 4 else 5
+    SHIFT: tl.constexpr = POS - BITS * J - ROT
     MASK: tl.constexpr = ((1 << BITS) - 1) << POS
-    if SHIFT >= 0:  # noqa: SIM108 (constexpr branch)
+    if SHIFT == 16 or SHIFT == -16:
+        # Swap the halves (one PRMT): also the only way to bring a wrapped field.
+        u = w.to(tl.uint32, bitcast=True)
+        v = ((u << 16) | (u >> 16)).to(tl.int32, bitcast=True)
+    elif SHIFT >= 0:
         v = w << SHIFT
     else:
         # Arithmetic shift: the sign bits it drags in fall outside MASK.
@@ -82,18 +92,18 @@ def dequant_field(w, mag_1024, mag_64, J: tl.constexpr, BITS: tl.constexpr):
     return v.to(tl.float32, bitcast=True)
 
 
-# ---- packed weights ----------------------------------------------------------------------
-
-
 @triton.jit
 def field_zero(z, J: tl.constexpr, BITS: tl.constexpr):
     """``z + offset`` of field ``J``: ``dequant_field(w, .., J, BITS) - field_zero(z, J,
     BITS)`` is exactly ``q - z`` in float32."""
-    if BITS == 4 and J % 2 == 1:  # noqa: SIM108 (constexpr branch)
+    if BITS == 4 and J % 2 == HIGH_PARITY:  # noqa: SIM108 (constexpr branch)
         zc = z + 64.0
     else:
         zc = z + 1024.0
     return zc
+
+
+# ---- packed weights ----------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -189,6 +199,8 @@ def _prepack(
     slots = c[:, _block_perm(k, bits).to(c.device)].reshape(n, k // f, f)
     shifts = torch.arange(f, device=c.device, dtype=torch.int64) * bits
     words = (slots << shifts).sum(-1)  # < 2**32: exact in int64
+    rot = WORD_ROTATION[bits]
+    words = ((words << rot) | (words >> (32 - rot))) & 0xFFFFFFFF
     # Reinterpret as two's complement int32 explicitly (out-of-range casts are undefined).
     words = torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)
     dev = codes.device if device is None else device
@@ -247,6 +259,8 @@ def unpack_codes(packed: PackedQuantWeight) -> torch.Tensor:
     """Inverse of the packing: uint8 codes ``[out, in]`` in input-channel order."""
     f = 32 // packed.bits
     w = packed.qweight.to(torch.int64) & 0xFFFFFFFF
+    rot = WORD_ROTATION[packed.bits]
+    w = ((w >> rot) | (w << (32 - rot))) & 0xFFFFFFFF
     shifts = torch.arange(f, device=w.device, dtype=torch.int64) * packed.bits
     slots = ((w.unsqueeze(-1) >> shifts) & ((1 << packed.bits) - 1)).reshape(w.shape[0], -1)
     codes = torch.empty_like(slots)

@@ -81,12 +81,24 @@ def assert_matches(out: torch.Tensor, ref: torch.Tensor) -> None:
 def test_docstring_example_words() -> None:
     codes = (torch.arange(32) % 16).to(torch.uint8)[None]
     p = prepack_int4(codes, torch.zeros(1, 1, dtype=torch.int32), torch.ones(1, 1), -1)
+    # Fields 0xC840C840, 0xD951D951, ... rotated left by WORD_ROTATION[4] = 1 bit.
     assert [w & 0xFFFFFFFF for w in p.qweight[0].tolist()] == [
-        0xC840C840,
-        0xD951D951,
-        0xEA62EA62,
-        0xFB73FB73,
+        0x90819081,
+        0xB2A3B2A3,
+        0xD4C5D4C5,
+        0xF6E7F6E7,
     ]
+
+
+def test_int8_words_rotated() -> None:
+    codes = torch.tensor(
+        [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 255]], dtype=torch.uint8
+    )
+    p = prepack_int8(codes, torch.zeros(1, 1, dtype=torch.int32), torch.ones(1, 1), -1)
+    # Word c holds channels c, 4 + c, 8 + c, 12 + c (fields 0..3), rotated left by 5.
+    for c, word in enumerate(p.qweight[0].tolist()):
+        plain = sum(int(codes[0, 4 * j + c]) << (8 * j) for j in range(4))
+        assert word & 0xFFFFFFFF == ((plain << 5) | (plain >> 27)) & 0xFFFFFFFF
 
 
 @pytest.mark.parametrize(("bits", "group_size"), [(4, 32), (4, 128), (4, -1), (8, 16), (8, -1)])
