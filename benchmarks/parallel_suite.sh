@@ -42,11 +42,11 @@ if [[ $parts == *serve70b* ]]; then
     sleep 1
   done
   curl -s localhost:8123/health; echo
-  start=$(date +%s.%N)
+  start=$(date +%s%N)
   curl -s localhost:8123/v1/completions -H 'Content-Type: application/json' \
     -d '{"model": "llama3-70b", "prompt": [128000, 791, 6864, 315, 9822, 374], "max_tokens": 64, "ignore_eos": true, "temperature": 0}' \
     | python3 -c "import json,sys; r=json.load(sys.stdin); print('usage', r.get('usage'), 'error', r.get('error'))"
-  echo "64 tokens in $(echo "$(date +%s.%N) - $start" | bc) s"
+  echo "64 tokens in $(( ($(date +%s%N) - start) / 1000000 )) ms"
   curl -s localhost:8123/metrics | grep -E "^rtllm:(engine_steps|kv_cache_blocks_total|generation_tokens_total)" | head
   nvidia-smi --query-gpu=index,memory.used --format=csv,noheader
   kill $pid; wait $pid 2>/dev/null
