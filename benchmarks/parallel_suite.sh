@@ -34,7 +34,7 @@ fi
 if [[ $parts == *serve70b* ]]; then
   printf 'skip_tokenizer_init: true\n' > /tmp/skip_tok.yaml
   python3 -m rtllm.cli --log-level INFO serve benchmarks/configs/llama3-70b --load-format dummy --tp-size 2 \
-    --port 8123 --max-batch-size 8 --max-seq-len 4096 --config /tmp/skip_tok.yaml > "$OUT/serve70b.log" 2>&1 &
+    --served-model-name llama3-70b --port 8123 --max-batch-size 8 --max-seq-len 4096 --config /tmp/skip_tok.yaml > "$OUT/serve70b.log" 2>&1 &
   pid=$!
   for _ in $(seq 1 400); do
     curl -sf localhost:8123/health > /dev/null && break
