@@ -89,7 +89,10 @@ def join_world(args: Any, launched: LaunchedRank, collective_timeout_s: float = 
         )
     mapping = Mapping(launched.world_size, launched.rank, tp, pp)
     want_cuda = args.device is None and torch.cuda.is_available() or (args.device or "").startswith("cuda")
-    device = torch.device("cuda", launched.local_rank) if want_cuda else torch.device("cpu")
+    # A launcher that gives each task one visible GPU (srun --gpus-per-task 1) makes it
+    # device 0 whatever the local rank.
+    index = launched.local_rank % max(1, torch.cuda.device_count())
+    device = torch.device("cuda", index) if want_cuda else torch.device("cpu")
     ps.init_distributed(mapping, device, "env://", collective_timeout_s)
     from rtllm.llmapi.build import build_engine
 
