@@ -7,6 +7,8 @@ in lockstep through the all-reduces inside the graph).
 
   python benchmarks/tp_decode_replay.py --model benchmarks/configs/llama3-8b
   torchrun --standalone --nproc-per-node 2 benchmarks/tp_decode_replay.py --model ... --tp 2
+
+(The TP=2 form hung once on two H200s before printing anything; see RESULTS.md.)
 """
 
 from __future__ import annotations
