@@ -38,6 +38,15 @@ def default_weight_loader(param: nn.Parameter, loaded: torch.Tensor, shard_id: o
     param.data.copy_(loaded)
 
 
+def fused_checkpoint_names(prefix: str, shard_names: list[str] | None) -> list[str]:
+    """Checkpoint module names of a fused layer's shards: siblings of ``prefix``'s last
+    part (``[prefix]`` when the layer is not fused)."""
+    if shard_names is None:
+        return [prefix]
+    parent = prefix.rsplit(".", 1)[0] + "." if "." in prefix else ""
+    return [parent + name for name in shard_names]
+
+
 class Linear(nn.Module):
     """``y = x W^T + b`` with Hugging Face's ``weight``/``bias`` names.
 
@@ -207,10 +216,7 @@ class MergedLinear(Linear):
         return list(self._offsets)
 
     def checkpoint_names(self) -> list[str]:
-        if self._shard_names is None:
-            return [self.prefix]
-        parent = self.prefix.rsplit(".", 1)[0] + "." if "." in self.prefix else ""
-        return [parent + name for name in self._shard_names]
+        return fused_checkpoint_names(self.prefix, self._shard_names)
 
     def shard_rows(self, shard_id: object) -> tuple[int, int]:
         return self._offsets[shard_id]

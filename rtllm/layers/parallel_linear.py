@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rtllm.distributed.parallel_state import get_mapping, tp_all_gather, tp_all_reduce
-from rtllm.layers.linear import Linear, default_weight_loader
+from rtllm.layers.linear import Linear, default_weight_loader, fused_checkpoint_names
 from rtllm.quantization import linear_method
 from rtllm.quantization.config import QuantConfig
 
@@ -97,10 +97,7 @@ class _ShardedOutputLinear(Linear):
         return list(self._plan)
 
     def checkpoint_names(self) -> list[str]:
-        if self._shard_names is None:
-            return [self.prefix]
-        parent = self.prefix.rsplit(".", 1)[0] + "." if "." in self.prefix else ""
-        return [parent + name for name in self._shard_names]
+        return fused_checkpoint_names(self.prefix, self._shard_names)
 
     def load_checkpoint_tensor(self, suffix: str, tensor: Any, shard_id: object) -> None:
         _check_float_checkpoint_tensor(self.prefix, suffix)
