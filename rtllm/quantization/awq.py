@@ -1,15 +1,20 @@
 """AWQ's searches on one float linear layer (fused layers as one): the per-input-channel
 scale and the per-group weight clipping range.
 
-Both minimise the error of the layer's output on calibration input rows ``x`` (sampled by
-:mod:`rtllm.quantization.calibration`), with ``Q`` the groupwise int4 fake quantizer
-(:func:`fake_quantize`, the arithmetic of the real quantizers):
+Both minimise the error of the layer's output on calibration inputs ``x``, with ``Q``
+the groupwise int4 fake quantizer (:func:`fake_quantize`, the arithmetic of the real
+quantizers):
 
 * **scale** (:func:`awq_search_scale`): ``s = base**alpha`` normalised by
-  ``sqrt(max(s) * min(s))``, ``base`` the per-channel mean ``|x|`` (AutoAWQ's statistic;
-  the largest ``|x|`` where no mean is known), for ``alpha`` in ``AWQ_ALPHA_GRID``,
-  keeping the ``s`` whose ``Q(W * s) / s`` gives the smallest mean squared output error
-  (``alpha = 0`` is plain round-to-nearest);
+  ``sqrt(max(s) * min(s))``, ``base`` a per-channel activation statistic (the largest
+  ``|x|`` by default; see ``smoothing.AWQ_BASE``), for ``alpha`` in
+  ``AWQ_ALPHA_GRID``, keeping the ``s`` whose ``Q(W * s) / s`` gives the smallest
+  summed squared output error ``tr(D X^T X D^T)``, ``D = Q(W * s) / s - W`` (over every
+  calibration row at once through the Gram matrix; ``alpha = 0`` is plain
+  round-to-nearest). ``Q`` is round-to-nearest, or GPTQ with ``gptq=True``. In
+  W4A16_AWQ the chosen scaled weight is then rounded by GPTQ
+  (:func:`rtllm.quantization.smoothing.calibrate_sequentially`): "AWQ scale search +
+  GPTQ rounding";
 * **clipping** (:func:`awq_search_clip`, after scaling; off unless :data:`AWQ_CLIP`): each group's quantization range
   ``[lo, hi]`` (``lo = min(w_min, 0)``, ``hi = max(w_max, 0)``; symmetric: ``[-amax,
   amax]``) shrinks to ``[r * lo, r * hi]`` for ``r`` in ``AWQ_CLIP_GRID``; each

@@ -18,13 +18,18 @@ consumer               where ``1 / s`` is applied
                        layer's ``pre_quant_scale``
 =====================  ===================================================================
 
-``QuantConfig.pre_quant_scale=True`` keeps every scale in its layer instead. The
-statistics come from one pass of the float model (AutoAWQ re-runs each block after
-quantizing the previous one; rtllm does not, a simplification).
+``QuantConfig.pre_quant_scale=True`` keeps every scale in its layer instead.
 
-AWQ's searches (per layer, fused layers as one; :mod:`rtllm.quantization.awq`): the
-scale ``s`` minimising the layer's output error, then (``awq.AWQ_CLIP``, off by
-default) each group's weight clipping range on ``W * s`` and inputs ``x / s``.
+W4A16_AWQ is **AWQ scale search + GPTQ rounding**, and W4A16_GPTQ / W8A16_GPTQ are
+GPTQ rounding, both calibrated decoder layer by decoder layer
+(:func:`calibrate_sequentially`): each layer's statistics come from the inputs the
+layers before it, already quantized, produce; AWQ's scale ``s`` minimises the
+linear's output error over every calibration token (:mod:`rtllm.quantization.awq`),
+then :mod:`rtllm.quantization.gptq` rounds the scaled weights with the Hessian of the
+inputs each linear sees. SmoothQuant and static FP8 use one pass of the float model
+(:func:`smooth_model`), as does AWQ's folding alone (with the optional weight
+clipping search, ``awq.AWQ_CLIP``, off by default) when :func:`smooth_model` gets
+statistics of a plain token list.
 """
 
 from __future__ import annotations
