@@ -19,11 +19,12 @@ Weight loaders receive the *full* checkpoint tensor or a lazy safetensors slice
 rank never materialises a whole sharded tensor. Parameters that accept lazy slices
 carry ``takes_slices = True``.
 
-Quantized layers (a ``quant_config``) stage the rank's slice of each float
-checkpoint tensor and quantize it (see :mod:`rtllm.layers.linear`): every rank
-quantizes its own shard, so per-channel and groupwise scales are those of the shard
-(a row-parallel rank's groups lie inside its input columns: ``group_size`` must divide
-them). Pre-quantized checkpoints and calibrating algorithms are not sharded yet.
+Quantized layers (a ``quant_config``) stage the rank's slice of each checkpoint
+tensor (:mod:`rtllm.quantization.tp_sharding`; see :mod:`rtllm.layers.linear`): float
+weights are quantized per rank, so per-channel and groupwise scales are those of the
+shard; pre-quantized tensors (AWQ, GPTQ, FP8, rtllm's layout) are sliced along their
+packing, so a row-parallel rank's input columns must cover whole groups and words.
+Calibrating algorithms (AWQ/SmoothQuant on a float checkpoint) are not sharded yet.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from rtllm.distributed.parallel_state import get_mapping, tp_all_gather, tp_all_
 from rtllm.layers.linear import Linear, default_weight_loader, fused_checkpoint_names
 from rtllm.quantization import linear_method
 from rtllm.quantization.config import QuantConfig
+from rtllm.quantization.tp_sharding import shard_quantized_tensor
 
 
 def _divide(total: int, parts: int, what: str) -> int:
@@ -58,15 +60,14 @@ def _mark_sliced(module: nn.Module) -> None:
         param.takes_slices = True
 
 
-def _check_float_checkpoint_tensor(prefix: str, suffix: str, tensor: torch.Tensor | None = None) -> None:
-    """Quantized tensor-parallel layers shard float checkpoints only (quantized on load)."""
-    if suffix not in ("weight", "bias") or (
-        tensor is not None and (not tensor.is_floating_point() or tensor.dtype.itemsize == 1)
-    ):
-        raise NotImplementedError(
-            f"{prefix}.{suffix}: pre-quantized checkpoints under tensor parallelism are not supported yet; "
-            "load the float checkpoint with a quant_config to quantize each rank's shard on load"
-        )
+def _stage_shard(layer: Linear, suffix: str, tensor: Any, kind: str, start: int, length: int, shard_id: object) -> None:
+    """Stage the rank's slice of a quantized layer's checkpoint tensor (float weights are
+    quantized per rank once staged; packed formats are sliced along their packing)."""
+    in_features = layer.in_features * (get_mapping().tp_size if kind == "in" else 1)
+    part = shard_quantized_tensor(layer.quant_config, layer.prefix, suffix, tensor, kind, start, length, in_features)
+    if not isinstance(part, torch.Tensor):  # a replicated lazy slice: read it whole
+        part = part.materialize()
+    Linear.load_checkpoint_tensor(layer, suffix, part, shard_id)
 
 
 class _ShardedOutputLinear(Linear):
@@ -100,13 +101,10 @@ class _ShardedOutputLinear(Linear):
         return fused_checkpoint_names(self.prefix, self._shard_names)
 
     def load_checkpoint_tensor(self, suffix: str, tensor: Any, shard_id: object) -> None:
-        _check_float_checkpoint_tensor(self.prefix, suffix)
         if shard_id not in self._plan:
             raise ValueError(f"{self.prefix}: unknown shard {shard_id!r}; expected {list(self._plan)}")
         _, size, ckpt_start = self._plan[shard_id]
-        part = _read(tensor, 0, ckpt_start, size)
-        _check_float_checkpoint_tensor(self.prefix, suffix, part)
-        super().load_checkpoint_tensor(suffix, part, shard_id)
+        _stage_shard(self, suffix, tensor, "out", ckpt_start, size, shard_id)
 
     def shard_rows(self, shard_id: object) -> tuple[int, int]:
         local_start, size, _ = self._plan[shard_id]
@@ -235,11 +233,8 @@ class RowParallelLinear(Linear):
         _mark_sliced(self)
 
     def load_checkpoint_tensor(self, suffix: str, tensor: Any, shard_id: object) -> None:
-        _check_float_checkpoint_tensor(self.prefix, suffix)
         local = self.in_features
-        part = _read(tensor, 1, self.tp_rank * local, local)
-        _check_float_checkpoint_tensor(self.prefix, suffix, part)
-        super().load_checkpoint_tensor(suffix, part, shard_id)
+        _stage_shard(self, suffix, tensor, "in", self.tp_rank * local, local, shard_id)
 
     def weight_loader(self, param: nn.Parameter, loaded: Any, shard_id: object = None) -> None:
         if param is self.bias:  # replicated

@@ -87,7 +87,7 @@ class LazyTensor:
         self.shape = tuple(checkpoint_slice.get_shape())
 
     def materialize(self) -> torch.Tensor:
-        return self._slice[:]
+        return self._slice[...]  # (``[:]`` fails on 0-dim tensors such as per-tensor scales)
 
     def narrow(self, dim: int, start: int, length: int) -> torch.Tensor:
         index = [slice(None)] * len(self.shape)

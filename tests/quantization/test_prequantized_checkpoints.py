@@ -29,7 +29,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from rtllm import LLM, SamplingParams
+from rtllm import LLM, KvCacheConfig, SamplingParams
 from rtllm.models.loader import build_model, load_model_config
 from rtllm.quantization import QuantConfig
 from rtllm.quantization.calibration import dense_forward
@@ -165,3 +165,19 @@ def test_conflicting_quant_config_is_rejected(source, tmp_path):
     write_quantized(source[0], source[1], tmp_path / "a", "awq_g64")
     with pytest.raises(ValueError, match="already quantized"):
         LLM(model=str(tmp_path / "a"), device="cpu", quant_config=QuantConfig(quant_algo="W8A16"))
+
+
+@pytest.mark.parametrize("fmt", ["awq_g64", "gptq_4bit_g32", "gptq_8bit_per_channel", "fp8_static"])
+def test_prequantized_checkpoint_under_tp2_matches_one_process(source, tmp_path, fmt):
+    # Each rank reads only its slice of the packed tensors (words and groups split at
+    # rank boundaries; per-channel and per-tensor scales replicated): the codes are
+    # tp=1's, so greedy ids agree.
+    write_quantized(source[0], source[1], tmp_path / fmt, fmt)
+    prompts = [IDS[:10].tolist(), IDS[20:27].tolist()]
+    params = SamplingParams(max_tokens=8, ignore_eos=True)
+    outs = {}
+    for tp in (1, 2):
+        with LLM(model=str(tmp_path / fmt), dtype="float32", device="cpu", tensor_parallel_size=tp,
+                 skip_tokenizer_init=True, kv_cache_config=KvCacheConfig(max_tokens=1024)) as llm:
+            outs[tp] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    assert outs[2] == outs[1]
