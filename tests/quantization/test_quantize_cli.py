@@ -96,3 +96,23 @@ def test_bad_arguments(tiny_llama, tmp_path, capsys):
     (tmp_path / "full" / "f").write_text("x")
     assert main(["quantize", "--model", tiny_llama[0], "--qformat", "w8a16",
                  "--output", str(tmp_path / "full")]) == 2
+
+
+def test_smoothquant_export_loads_under_tp2(tiny_llama, tmp_path):
+    """rtllm's own layout (int8 codes, per-channel scales, smoothing vector) is sliced per
+    rank; row-parallel ranks quantize their own activation columns per token, so the
+    logits agree with one process to int8 rounding."""
+    from rtllm import LLM, KvCacheConfig, SamplingParams
+
+    out = str(tmp_path / "sq")
+    assert main(["quantize", "--model", tiny_llama[0], "--qformat", "w8a8_sq", "--output", out, *CALIB]) == 0
+    params = SamplingParams(max_tokens=1, return_generation_logits=True)
+    prompts = [IDS[:12].tolist(), IDS[40:47].tolist()]
+    logits = {}
+    for tp in (1, 2):
+        with LLM(model=out, dtype="float32", device="cpu", tensor_parallel_size=tp, skip_tokenizer_init=True,
+                 kv_cache_config=KvCacheConfig(max_tokens=1024)) as llm:
+            outs = llm.generate(prompts, params, use_tqdm=False)
+        logits[tp] = torch.cat([o.outputs[0].generation_logits for o in outs])
+    assert logits[2].argmax(-1).tolist() == logits[1].argmax(-1).tolist()
+    assert _rel(logits[2], logits[1]) < 0.05
