@@ -43,6 +43,8 @@ import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # quant_gemm_legacy
 
+import quant_gemm_legacy as legacy  # noqa: E402
+
 from rtllm.kernels import quant_gemm as qg  # noqa: E402
 from rtllm.quantization import rtn  # noqa: E402
 
@@ -131,9 +133,7 @@ def method_call(method: str, x: torch.Tensor, w: object) -> Callable[[], torch.T
     if method == "bf16":
         return lambda: F.linear(x, w)
     if method.endswith("_old"):
-        import quant_gemm_legacy
-
-        return lambda: quant_gemm_legacy.quant_linear(x, w)
+        return lambda: legacy.quant_linear(x, w)
     if method.endswith("_deq"):
         cfg = qg.QuantGemmConfig(kernel="dequant")
         return lambda: qg.quant_linear(x, w, None, cfg)
@@ -208,6 +208,8 @@ def main() -> None:
         for fmt, w in weights[name].items():
             clone = clone_packed if fmt != "bf16" else torch.Tensor.clone
             copies[name][fmt] = [w] + [clone(w) for _ in range(copies_for(nbytes(w), l2) - 1)]
+            if fmt != "bf16" and not args.no_old:  # the old kernels' (unrotated) layout
+                copies[name][f"{fmt}_old"] = [legacy.legacy_layout(c) for c in copies[name][fmt]]
     rows: list[dict[str, object]] = []
     for m in ms:  # M = 1 first: the decode numbers matter most if the budget runs out
         for name, (k, n) in SHAPES.items():
@@ -218,7 +220,7 @@ def main() -> None:
                 if time.perf_counter() - t0 > args.budget_s:
                     rows.append({**row, "skipped": True})
                     continue
-                ws = copies[name][fmt]
+                ws = copies[name][method if method.endswith("_old") else fmt]
                 try:
                     us = time_us([method_call(method, x, w) for w in ws], reps, trials)
                 except Exception as exc:  # noqa: BLE001 (report, keep going)
@@ -228,7 +230,8 @@ def main() -> None:
                 row.update(us=us, gbps=nbytes(ws[0]) / us / 1e3, bytes=nbytes(ws[0]))
                 if fmt != "bf16":
                     out = method_call(method, x, ws[0])()
-                    row["rel_err"] = rel_err(out, qg.quant_linear_ref(x, ws[0]))
+                    ref = qg.quant_linear_ref(x, copies[name][fmt][0])  # current layout
+                    row["rel_err"] = rel_err(out, ref)
                     if method == fmt:
                         row["config"] = config_str(x, ws[0])
                 rows.append(row)

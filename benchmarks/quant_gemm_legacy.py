@@ -3,7 +3,7 @@
 folder can time old against new on the same GPU. Same packed layout as
 :mod:`rtllm.kernels.quant_layout`; not used by the engine.
 
-``quant_linear(x, packed)``: the GEMV for ``M == 1`` (one field per shift-and-LOP3,
+``quant_linear(x, legacy_layout(packed))``: the GEMV for ``M == 1`` (one field per shift-and-LOP3,
 scales and zeros loaded per word), the tiled GEMM otherwise.
 """
 
@@ -396,3 +396,17 @@ def quant_linear(
             num_warps=4,
         )
     return out.reshape(*x.shape[:-1], n)
+
+
+def legacy_layout(packed: PackedQuantWeight) -> PackedQuantWeight:
+    """The same weight in this kernel's layout: words not rotated (the current layout
+    stores them rotated left by ``WORD_ROTATION[bits]``)."""
+    from dataclasses import replace
+
+    from rtllm.kernels.quant_layout import WORD_ROTATION
+
+    rot = WORD_ROTATION[packed.bits]
+    w = packed.qweight.to(torch.int64) & 0xFFFFFFFF
+    w = ((w >> rot) | (w << (32 - rot))) & 0xFFFFFFFF
+    w = torch.where(w >= 1 << 31, w - (1 << 32), w).to(torch.int32)
+    return replace(packed, qweight=w.contiguous())

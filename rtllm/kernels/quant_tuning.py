@@ -38,8 +38,8 @@ class QuantGemmConfig:
 
     ``kernel``: ``"gemv"``, ``"gemm"`` or ``"dequant"`` (default: tuned, see module
     docstring); ``chunk``: GEMM: 4-word blocks per K step (``4 * chunk >= 16``, the
-    dot's K); GEMV: blocks per step (a power of two >= 32, one per lane);
-    ``split_k``: K slices (1: no partials).
+    dot's K); GEMV: blocks per step (a power of two, ``32 * num_warps`` on a GPU: one
+    per thread); ``split_k``: K slices (1: no partials).
     """
 
     kernel: str | None = None
