@@ -28,6 +28,8 @@ GEMV_MAX_M = GEMV_MAX_BLOCK_M
 #: (``benchmarks/quant_gemm.py``, "dequant" column) shows where it wins.
 DEQUANT_MIN_M = 1024
 _TUNE = os.environ.get("RTLLM_QUANT_TUNE", "1") != "0"
+#: ``RTLLM_QUANT_TUNE=all`` also tunes prefill sizes (``M > GEMV_MAX_M``) on first use.
+_TUNE_ALL = os.environ.get("RTLLM_QUANT_TUNE", "1") == "all"
 _tuned: dict[tuple, QuantGemmConfig] = {}
 _timings: dict[tuple, list[tuple[QuantGemmConfig, float]]] = {}
 
@@ -141,6 +143,11 @@ def pick(
         return cands[0]
     if len(cands) == 1 or not _TUNE or torch.cuda.is_current_stream_capturing():
         return cands[0]  # untimed; not cached, so a later eager call still tunes
+    if m > GEMV_MAX_M and not _TUNE_ALL:
+        # Decode sizes are tuned by the warm-up forward before each CUDA graph capture
+        # (at start-up); timing candidates on a prompt's first appearance stalled
+        # serving (TTFT 23 ms -> 1.4 s measured), so prefill shapes take the default.
+        return cands[0]
     out = torch.empty(m, n, dtype=x2.dtype, device=x2.device)
     times = []
     for c in cands:
