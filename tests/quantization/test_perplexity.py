@@ -6,8 +6,8 @@ Bounds, relative to that float perplexity on the same tokens:
 * GGUF kept quantized (``QuantConfig.from_gguf()``, int4 g32 from the Q4_1 blocks):
   within 0.1% (same weights up to float rounding);
 * W8A16 (int8 per channel, RTN): within 1%;
-* W4A16_AWQ (int4 g64 with zero point, calibrated on the packaged text): within
-  ``AWQ_BOUND`` (see below).
+* W4A16_AWQ (int4 g64 with zero point, AWQ scale search + GPTQ rounding calibrated on
+  8 x 256 tokens of the packaged text): within ``AWQ_BOUND`` (see below).
 
 CPU time: the test evaluates ``NUM_TOKENS`` tokens in windows of 1024 (2 windows, the
 same tokens for every format) so the four models fit the suite's time budget on two
@@ -32,14 +32,13 @@ pytestmark = [
 
 NUM_TOKENS = 2048
 WINDOW = 1024
-# The test evaluates the first 2048 tokens (float 29.05, AWQ g64 32.90: +13%).
-# Measured on 4096 tokens: float 32.62, W8A16 32.74 (+0.4%), GGUF kept 32.62, AWQ g64
-# 37.33 (+14%; RTN int4 g64 with zero point: 41.38, +27%). The issue asks for 8%;
-# this 135M model re-quantized from Q4_1 to g64 does not reach it with rtllm's AWQ
-# scale search. AWQ's weight-clipping search (rtllm.quantization.awq.AWQ_CLIP, off by
-# default) lowers each layer's in-sample output error by 15-40% but not perplexity
-# (first 2048 tokens: float 29.05, scale search 32.90, scale + clipping 33.21), so the
-# bound holds what is reached.
+# Measured on 4096 tokens: float 32.62, W8A16 32.74 (+0.4%), GGUF kept 32.62.
+# W4A16_AWQ is AWQ scale search + GPTQ rounding, calibrated layer by layer. First 2048
+# tokens, float 29.05: calibrated on 8 x 256 tokens (this test) 32.69 (+12.5%), on
+# 40 x 256 tokens 31.74 (+9.2%); AWQ scales with round-to-nearest (before GPTQ) gave
+# 32.90 (+13%), GPTQ alone (8 x 256) 34.38 (+18%). The issue asks for 8%: not reached
+# by this 135M model re-quantized from Q4_1 g32 to int4 g64 (benchmarks/RESULTS.md has
+# the figures), so the bound holds what was reached before GPTQ (+13-16%).
 AWQ_BOUND = 0.16
 HELD_OUT = os.path.join(os.path.dirname(__file__), "..", "data", "held_out_english.txt")
 
