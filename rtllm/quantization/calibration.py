@@ -108,17 +108,7 @@ def load_calibration_text(config: QuantConfig) -> str:
         return f.read()
 
 
-class CalibrationSet(list):  # list[torch.Tensor]
-    """Token windows ``[T]`` of a calibration text (:func:`calibration_samples`).
-
-    Statistics collected over a ``CalibrationSet`` remember it
-    (:attr:`CalibrationStats.samples`), so that :func:`rtllm.quantization.smoothing.
-    smooth_model` can run the layer-by-layer AWQ + GPTQ calibration on the same
-    samples; statistics over a plain list of token tensors only serve folding.
-    """
-
-
-def calibration_samples(tokenizer: Any, config: QuantConfig) -> CalibrationSet:
+def calibration_samples(tokenizer: Any, config: QuantConfig) -> list[torch.Tensor]:
     """Up to ``calib_size`` consecutive token windows of ``calib_max_seq_length`` tokens
     from the calibration text (fewer when the text is shorter; at least one)."""
     ids = tokenizer(load_calibration_text(config), add_special_tokens=False)["input_ids"]
@@ -126,7 +116,7 @@ def calibration_samples(tokenizer: Any, config: QuantConfig) -> CalibrationSet:
         raise ValueError("calibration text has fewer than 2 tokens")
     length = config.calib_max_seq_length
     count = max(1, min(config.calib_size, len(ids) // length))
-    samples = CalibrationSet(torch.tensor(ids[i * length : (i + 1) * length]) for i in range(count))
+    samples = [torch.tensor(ids[i * length : (i + 1) * length]) for i in range(count)]
     logger.info("calibration: %d samples of up to %d tokens", len(samples), length)
     return samples
 
@@ -137,15 +127,6 @@ class ActivationStats:
 
     amax: torch.Tensor  # [in] float32, largest |x| per input channel
     rows: torch.Tensor  # [n, in] float32, a sample of input rows
-
-
-class CalibrationStats(dict):  # dict[str, ActivationStats]
-    """:class:`ActivationStats` per linear layer name; ``samples`` is the
-    :class:`CalibrationSet` they were collected on, or ``None`` (a plain list)."""
-
-    def __init__(self, stats: dict[str, ActivationStats], samples: CalibrationSet | None) -> None:
-        super().__init__(stats)
-        self.samples = samples
 
 
 @contextlib.contextmanager
@@ -176,18 +157,17 @@ def _record_inputs(
 
 def collect_activation_stats(
     model: nn.Module, samples: list[torch.Tensor], linears: dict[str, nn.Module], seed: int = 0
-) -> CalibrationStats:
+) -> dict[str, ActivationStats]:
     """Run the float model over ``samples`` with hooks on ``linears`` (name -> layer)."""
     rows_per_sample = max(1, math.ceil(MAX_SAMPLE_ROWS / len(samples)))
     device = next(model.parameters()).device
     with _record_inputs(linears, rows_per_sample, seed) as records:
         for sample in samples:
             dense_forward(model, sample.to(device), logits=False)
-    stats = {
+    return {
         name: ActivationStats(amax, torch.cat(rows)[:MAX_SAMPLE_ROWS])
         for name, (amax, rows) in records.items()
     }
-    return CalibrationStats(stats, samples if isinstance(samples, CalibrationSet) else None)
 
 
 # --- layer by layer -------------------------------------------------------------------

@@ -136,7 +136,12 @@ def quantize_checkpoint(model_path: str, output_dir: str, config: QuantConfig,
     from rtllm.models.loader import build_model, load_model_config
     from rtllm.quantization.calibration import calibration_samples, collect_activation_stats
     from rtllm.quantization.linear_method import needs_calibration
-    from rtllm.quantization.smoothing import LayerCalibration, smooth_model
+    from rtllm.quantization.smoothing import (
+        LayerCalibration,
+        calibrate_sequentially,
+        needs_sequential_calibration,
+        smooth_model,
+    )
 
     if os.path.isdir(output_dir) and os.listdir(output_dir):
         raise ValueError(f"output directory {output_dir!r} is not empty")
@@ -149,7 +154,10 @@ def quantize_checkpoint(model_path: str, output_dir: str, config: QuantConfig,
     calib: dict[str, LayerCalibration] = {}
     if needs_calibration(config):
         samples = calibration_samples(tokenizer, config)
-        calib = smooth_model(model, config, collect_activation_stats(model, samples, linears))
+        if needs_sequential_calibration(config):  # AWQ + GPTQ, GPTQ: weights left on their grid
+            calib = calibrate_sequentially(model, config, samples, linears)
+        else:
+            calib = smooth_model(model, config, collect_activation_stats(model, samples, linears))
     float_dtype = model_config.checkpoint_dtype
     tensors: dict[str, torch.Tensor] = {}
     for name, param in model.named_parameters():

@@ -154,17 +154,10 @@ def smooth_model(
     """Compute AWQ / SmoothQuant scales for the float linears in ``stats`` (keyed by
     ``Linear.prefix``), fold them (module doc) and return what each layer still needs.
 
-    W4A16_AWQ statistics collected over a :class:`~rtllm.quantization.calibration.
-    CalibrationSet` (those of ``calibration_samples``) run the full layer-by-layer
-    AWQ + GPTQ calibration on its samples instead (:func:`calibrate_sequentially`):
-    the weights are then left on their int4 grid, ready for round-to-nearest to
-    reproduce. Statistics over other token lists only fold AWQ's scales (the float
-    model's function is unchanged).
+    For W4A16_AWQ this only folds the scales (the float model's function is unchanged);
+    quantizing with AWQ + GPTQ is :func:`calibrate_sequentially` (see
+    :func:`calibrate_and_quantize`).
     """
-    samples = getattr(stats, "samples", None)
-    if config.quant_algo == QuantAlgo.W4A16_AWQ and samples is not None:
-        linears = {m.prefix: m for m in model.modules() if isinstance(m, Linear) and m.prefix in stats}
-        return calibrate_sequentially(model, config, samples, linears)
     result = {name: LayerCalibration(input_amax=float(s.amax.max())) for name, s in stats.items()}
     if config.quant_algo not in (QuantAlgo.W4A16_AWQ, QuantAlgo.W8A8_SQ_PER_CHANNEL):
         return result
