@@ -207,7 +207,10 @@ class DistributedRunner:
         if graphs is not None and step.is_generation_only and graphs.can_run(len(step.input_ids)):
             logits = graphs.run(step, None, input_ids=ids.to(inner.device))
             return logits if mapping.rank == 0 else None
-        parts = [slice_step(step, first, end) for first, end in zip(bounds, bounds[1:], strict=False)]
+        if len(bounds) == 2:  # one micro-batch (always without pipeline stages): no copies
+            parts = [(step, 0, len(step.input_ids))]
+        else:
+            parts = [slice_step(step, first, end) for first, end in zip(bounds, bounds[1:], strict=False)]
         leader = (mapping.pp_size - 1) * mapping.tp_size  # the last stage's tensor rank 0
         rows: list[torch.Tensor] = []
         for part, token_start, token_end in parts:
