@@ -54,6 +54,16 @@ def comm_device() -> torch.device:
     return _DEVICE
 
 
+def rank_device(requested: str | None, local_rank: int = 0) -> torch.device:
+    """The device of a rank: CPU when ``requested`` is ``"cpu"`` (or no GPU is there),
+    else GPU ``local_rank`` modulo the visible GPUs (a launcher that shows each task
+    one GPU, e.g. ``srun --gpus-per-task 1``, makes it device 0)."""
+    want_cuda = requested is None and torch.cuda.is_available() or (requested or "").startswith("cuda")
+    if not want_cuda:
+        return torch.device("cpu")
+    return torch.device("cuda", local_rank % max(1, torch.cuda.device_count()))
+
+
 def init_distributed(
     mapping: Mapping,
     device: torch.device,

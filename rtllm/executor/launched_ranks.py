@@ -23,8 +23,6 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
 from rtllm.distributed import parallel_state as ps
 from rtllm.distributed.mapping import Mapping
 from rtllm.executor.inproc_executor import InProcessExecutor
@@ -88,11 +86,7 @@ def join_world(args: Any, launched: LaunchedRank, collective_timeout_s: float = 
             f"pipeline_parallel_size = {tp} * {pp} = {tp * pp}; start exactly that many"
         )
     mapping = Mapping(launched.world_size, launched.rank, tp, pp)
-    want_cuda = args.device is None and torch.cuda.is_available() or (args.device or "").startswith("cuda")
-    # A launcher that gives each task one visible GPU (srun --gpus-per-task 1) makes it
-    # device 0 whatever the local rank.
-    index = launched.local_rank % max(1, torch.cuda.device_count())
-    device = torch.device("cuda", index) if want_cuda else torch.device("cpu")
+    device = ps.rank_device(args.device, launched.local_rank)
     ps.init_distributed(mapping, device, "env://", collective_timeout_s)
     from rtllm.llmapi.build import build_engine
 

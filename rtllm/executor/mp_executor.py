@@ -72,12 +72,11 @@ class MultiProcessExecutor(GenerationExecutor):
             raise NotImplementedError(
                 "KV cache events and iteration stats are not forwarded from parallel workers yet"
             )
-        import torch
-
         from rtllm.distributed.dist_runner import check_parallel_support
+        from rtllm.distributed.parallel_state import rank_device
 
         # Refuse what the workers would refuse, before starting them.
-        check_parallel_support(args, torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu")))
+        check_parallel_support(args, rank_device(args.device))
         self.tp_size = args.tensor_parallel_size
         self.pp_size = args.pipeline_parallel_size
         self.world_size = self.tp_size * self.pp_size

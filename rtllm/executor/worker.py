@@ -81,8 +81,7 @@ def worker_main(rank: int, cfg: WorkerConfig) -> None:
     torch.set_grad_enabled(False)
     mapping = Mapping(cfg.world_size, rank, cfg.tp_size, cfg.pp_size)
     args = cfg.args
-    want_cuda = args.device is None and torch.cuda.is_available() or (args.device or "").startswith("cuda")
-    device = torch.device("cuda", rank % max(1, torch.cuda.device_count())) if want_cuda else torch.device("cpu")
+    device = ps.rank_device(args.device, rank)
     channel = ipc.Channel(cfg.request_addr, cfg.response_addr, bind=False) if rank == 0 else None
     try:
         ps.init_distributed(mapping, device, cfg.init_method, cfg.collective_timeout_s)
