@@ -7,8 +7,8 @@ Times, for the qkv (6144x4096), o (4096x4096), gate_up (28672x4096) and down
 * ``w8a16`` / ``w4a16``: :func:`rtllm.kernels.quant_gemm.quant_linear` as the engine
   runs it (tuned per shape on first call), int8 per channel / int4 group 128 with
   zero points;
-* ``w8a16_old`` / ``w4a16_old``: the kernels before issue 7's rewrite
-  (``benchmarks/quant_gemm_legacy.py``), same packed weights (``--no-old`` skips);
+(The kernels before the rewrite were compared in the same script at commit
+``9fd82de``; their figures are in ``benchmarks/RESULTS.md``.)
 * ``w8a16_deq`` / ``w4a16_deq``: dequantize into a bf16 scratch then cuBLAS, for
   ``M >= --deq-min-m`` (default 16; it only has a chance where the GEMM is
   compute-bound).
@@ -31,7 +31,6 @@ import argparse
 import json
 import math
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, replace
@@ -40,10 +39,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import triton
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # quant_gemm_legacy
-
-import quant_gemm_legacy as legacy  # noqa: E402
 
 from rtllm.kernels import quant_gemm as qg  # noqa: E402
 from rtllm.quantization import rtn  # noqa: E402
@@ -132,8 +127,6 @@ def copies_for(size: int, l2: int) -> int:
 def method_call(method: str, x: torch.Tensor, w: object) -> Callable[[], torch.Tensor]:
     if method == "bf16":
         return lambda: F.linear(x, w)
-    if method.endswith("_old"):
-        return lambda: legacy.quant_linear(x, w)
     if method.endswith("_deq"):
         cfg = qg.QuantGemmConfig(kernel="dequant")
         return lambda: qg.quant_linear(x, w, None, cfg)
@@ -142,8 +135,6 @@ def method_call(method: str, x: torch.Tensor, w: object) -> Callable[[], torch.T
 
 def methods_for(m: int, args: argparse.Namespace) -> list[str]:
     out = ["bf16", *FORMATS]
-    if not args.no_old:
-        out += [f"{f}_old" for f in FORMATS]
     if m >= args.deq_min_m:
         out += [f"{f}_deq" for f in FORMATS]
     return out
@@ -180,7 +171,6 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="M = 1,16, fewer repeats")
     parser.add_argument("--reps", type=int, default=None, help="calls per CUDA graph")
     parser.add_argument("--trials", type=int, default=None, help="graph replays timed")
-    parser.add_argument("--no-old", action="store_true", help="skip the pre-rewrite kernels")
     parser.add_argument("--deq-min-m", type=int, default=16, help="time dequant+cuBLAS from M")
     parser.add_argument("--budget-s", type=float, default=150.0, help="start no cell after")
     parser.add_argument("--out", "--json", dest="out", default=None, help="write JSON here")
@@ -208,8 +198,6 @@ def main() -> None:
         for fmt, w in weights[name].items():
             clone = clone_packed if fmt != "bf16" else torch.Tensor.clone
             copies[name][fmt] = [w] + [clone(w) for _ in range(copies_for(nbytes(w), l2) - 1)]
-            if fmt != "bf16" and not args.no_old:  # the old kernels' (unrotated) layout
-                copies[name][f"{fmt}_old"] = [legacy.legacy_layout(c) for c in copies[name][fmt]]
     rows: list[dict[str, object]] = []
     for m in ms:  # M = 1 first: the decode numbers matter most if the budget runs out
         for name, (k, n) in SHAPES.items():
@@ -221,7 +209,7 @@ def main() -> None:
                 if time.perf_counter() - t0 > args.budget_s:
                     rows.append({**row, "skipped": True})
                     continue
-                ws = copies[name][method if method.endswith("_old") else fmt]
+                ws = copies[name][fmt]
                 try:
                     us = time_us([method_call(method, x, w) for w in ws], reps, trials)
                 except Exception as exc:  # noqa: BLE001 (report, keep going)
