@@ -13,10 +13,9 @@ an online softmax in float32 over key tiles gathered slot by slot from the cache
 
 Quantized caches (int8 / float8_e4m3fn codes plus a float32 ``kv_scale`` per (K or V,
 token, KV head), see :mod:`rtllm.kernels.kv_quant`) are dequantized inside the kernel:
-a K tile's codes go into ``tl.dot`` as the query's dtype (int8 and E4M3 values are exact
-in float16/bfloat16) and its per-key scales multiply the scores' columns; a V tile is
-dequantized to the query's dtype before its ``tl.dot``. The ``QUANT`` constexpr keeps
-the unquantized kernel exactly as it was.
+codes enter ``tl.dot`` as they are and the scales multiply scores / fold into the
+probabilities (:mod:`rtllm.kernels.kv_tile`, shared with the decode kernel). The
+``QUANT`` constexpr keeps the unquantized kernel exactly as it was.
 """
 
 from __future__ import annotations
@@ -28,6 +27,13 @@ import triton
 import triton.language as tl
 
 from rtllm.kernels.kv_quant import check_kv_scale, dequantize_kv, raw_view
+from rtllm.kernels.kv_tile import (
+    dot_dtype,
+    dot_operand,
+    paged_kv_scales,
+    quant_scores,
+    quant_weighted_values,
+)
 
 _LOG2E = 1.4426950408889634
 
@@ -77,6 +83,7 @@ def _attend_tile(
     USE_WINDOW: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     QUANT: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
 ):
     """One online-softmax step over keys [start_n, start_n + BLOCK_N).
 
@@ -100,16 +107,13 @@ def _attend_tile(
     ptrs = kv_off[:, None] + offs_d[None, :]
     k = _load_tile(k_cache_ptr + ptrs, n_mask, d_mask, MASKED, HEAD_DIM != BLOCK_D)
     if QUANT:
-        # Per-key scales (0 for masked keys: their scores are masked below anyway).
-        s_off = (
-            block.to(tl.int64) * stride_s_block
-            + (offs_n % TOKENS_PER_BLOCK) * stride_s_tok
-            + kv_head
-        )
-        k_scale = tl.load(k_scale_ptr + s_off, mask=n_mask, other=0.0)
-        v_scale = tl.load(v_scale_ptr + s_off, mask=n_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION)
-        s = s * (k_scale * scale_log2e)[None, :]
+        # Per-key scales (0 for masked keys: their scores are masked below anyway);
+        # q is already the dot operand (kv_tile.dot_operand).
+        k_scale, v_scale = paged_kv_scales(
+            k_scale_ptr, v_scale_ptr, block, offs_n, n_mask, kv_head,
+            stride_s_block, stride_s_tok, TOKENS_PER_BLOCK,
+        )  # fmt: skip
+        s = quant_scores(q, k, k_scale, scale_log2e, DOT_PRECISION)
     else:
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2e
     if MASKED:
@@ -128,8 +132,10 @@ def _attend_tile(
     l_i = l_i * alpha + tl.sum(p, 1)
     v = _load_tile(v_cache_ptr + ptrs, n_mask, d_mask, MASKED, HEAD_DIM != BLOCK_D)
     if QUANT:
-        v = (v.to(tl.float32) * v_scale[:, None]).to(q.dtype)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        pv = quant_weighted_values(p, v, v_scale, DOT_DTYPE, DOT_PRECISION)
+    else:
+        pv = tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    acc = acc * alpha[:, None] + pv
     return m_new, l_i, acc
 
 
@@ -165,6 +171,7 @@ def _context_attention_kernel(
     USE_WINDOW: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     QUANT: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     head = tl.program_id(1)
@@ -189,6 +196,8 @@ def _context_attention_kernel(
         mask=m_mask[:, None] & d_mask[None, :],
         other=0.0,
     )
+    if QUANT:
+        q = dot_operand(q, DOT_DTYPE)
     q_pos = ctx_len + offs_m  # absolute position of each query row
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -207,6 +216,7 @@ def _context_attention_kernel(
                 k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, kv_head, scale_log2e,
                 stride_c_block, stride_c_tok, stride_c_head, stride_s_block, stride_s_tok,
                 HEAD_DIM, BLOCK_D, BLOCK_N, TOKENS_PER_BLOCK, True, True, DOT_PRECISION, QUANT,
+                DOT_DTYPE,
             )  # fmt: skip
     else:
         # Tiles ending at or before the first row's position + 1 are seen in full by
@@ -218,6 +228,7 @@ def _context_attention_kernel(
                 k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, kv_head, scale_log2e,
                 stride_c_block, stride_c_tok, stride_c_head, stride_s_block, stride_s_tok,
                 HEAD_DIM, BLOCK_D, BLOCK_N, TOKENS_PER_BLOCK, False, False, DOT_PRECISION, QUANT,
+                DOT_DTYPE,
             )  # fmt: skip
         for start_n in range(full_hi, hi, BLOCK_N):
             m_i, l_i, acc = _attend_tile(
@@ -225,6 +236,7 @@ def _context_attention_kernel(
                 k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, kv_head, scale_log2e,
                 stride_c_block, stride_c_tok, stride_c_head, stride_s_block, stride_s_tok,
                 HEAD_DIM, BLOCK_D, BLOCK_N, TOKENS_PER_BLOCK, True, False, DOT_PRECISION, QUANT,
+                DOT_DTYPE,
             )  # fmt: skip
 
     # Every real row sees at least itself, so l_i > 0 there; padded rows are not stored.
@@ -380,6 +392,7 @@ def context_attention(
         USE_WINDOW=window > 0,
         DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
         QUANT=quant,
+        DOT_DTYPE=dot_dtype(query.dtype),
         num_warps=num_warps or default_warps,
         num_stages=num_stages or default_stages,
     )

@@ -12,10 +12,10 @@ split, stage 1 writes the final output and stage 2 is skipped.
 Padded rows (CUDA-graph batches) carry ``seq_len == 0`` and get zeros.
 
 A quantized cache (int8 / float8_e4m3fn codes plus float32 ``kv_scale``, see
-:mod:`rtllm.kernels.kv_quant`) is dequantized in stage 1 as in
-:mod:`rtllm.kernels.context_attention`: K codes enter ``tl.dot`` in the query's dtype
-and their per-key scales multiply the score columns; V tiles are dequantized to the
-query's dtype. The ``QUANT`` constexpr leaves the unquantized kernel unchanged.
+:mod:`rtllm.kernels.kv_quant`) is read in stage 1 by the tile helpers of
+:mod:`rtllm.kernels.kv_tile` (shared with :mod:`rtllm.kernels.context_attention`):
+codes enter ``tl.dot`` as they are, scales multiply scores and fold into the
+probabilities. The ``QUANT`` constexpr leaves the unquantized kernel unchanged.
 """
 
 from __future__ import annotations
@@ -30,6 +30,13 @@ from rtllm.kernels.context_attention import (
     check_paged_inputs,
     gather_paged_kv,
     reference_attention,
+)
+from rtllm.kernels.kv_tile import (
+    dot_dtype,
+    dot_operand,
+    paged_kv_scales,
+    quant_scores,
+    quant_weighted_values,
 )
 
 _LOG2E = 1.4426950408889634
@@ -72,6 +79,7 @@ def _decode_partial_kernel(
     SINGLE_SPLIT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     QUANT: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -98,6 +106,8 @@ def _decode_partial_kernel(
         mask=g_mask[:, None] & d_mask[None, :],
         other=0.0,
     )
+    if QUANT:
+        q = dot_operand(q, DOT_DTYPE)
 
     m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
@@ -115,15 +125,11 @@ def _decode_partial_kernel(
         kv_mask = n_mask[:, None] & d_mask[None, :]
         k = tl.load(k_cache_ptr + kv_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
         if QUANT:
-            s_off = (
-                block.to(tl.int64) * stride_s_block
-                + (offs_n % TOKENS_PER_BLOCK) * stride_s_tok
-                + kv_head
-            )
-            k_scale = tl.load(k_scale_ptr + s_off, mask=n_mask, other=0.0)
-            v_scale = tl.load(v_scale_ptr + s_off, mask=n_mask, other=0.0)
-            s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION)
-            s = s * (k_scale * scale_log2e)[None, :]
+            k_scale, v_scale = paged_kv_scales(
+                k_scale_ptr, v_scale_ptr, block, offs_n, n_mask, kv_head,
+                stride_s_block, stride_s_tok, TOKENS_PER_BLOCK,
+            )  # fmt: skip
+            s = quant_scores(q, k, k_scale, scale_log2e, DOT_PRECISION)
         else:
             s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2e
         s = tl.where(n_mask[None, :], s, float("-inf"))
@@ -134,8 +140,10 @@ def _decode_partial_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_cache_ptr + kv_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
         if QUANT:
-            v = (v.to(tl.float32) * v_scale[:, None]).to(q.dtype)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+            pv = quant_weighted_values(p, v, v_scale, DOT_DTYPE, DOT_PRECISION)
+        else:
+            pv = tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        acc = acc * alpha[:, None] + pv
         m_i = m_new
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
@@ -329,6 +337,7 @@ def decode_attention(
         SINGLE_SPLIT=single,
         DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
         QUANT=quant,
+        DOT_DTYPE=dot_dtype(query.dtype),
         num_warps=num_warps or 4,
         num_stages=num_stages or 2,
     )
