@@ -375,10 +375,26 @@ def quantized_linear_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor
 
             if fp8_supported(x.device):
                 input_scale = getattr(module, "input_scale", None)
-                scale = module.weight_scale
-                scale = scale.reshape(-1) if scale.dim() else scale  # per channel: [out]
-                return fp8_linear(x, module.weight, scale, input_scale, module.bias)
+                return fp8_linear(x, module.weight, _fp8_weight_scale(module, input_scale),
+                                  input_scale, module.bias)
     return module(x)
+
+
+def _fp8_weight_scale(module: nn.Module, input_scale: torch.Tensor | None) -> torch.Tensor:
+    """The weight scale as ``fp8_linear`` takes it without per-call copies: per channel
+    ``[out]``; per tensor 0-dim with a static activation scale (tensorwise GEMM), else
+    expanded once to ``[out]`` (the rowwise GEMM of per-token activations needs one
+    scale per output channel) and kept on the module."""
+    scale = module.weight_scale
+    if scale.dim():
+        return scale.reshape(-1)
+    if input_scale is not None:
+        return scale
+    cached = getattr(module, "_rowwise_weight_scale", None)
+    if cached is None or cached.device != scale.device:
+        cached = scale.float().reshape(1).expand(module.out_features).contiguous()
+        module._rowwise_weight_scale = cached
+    return cached
 
 
 def _packed_weight(module: nn.Module) -> object | None:
