@@ -57,20 +57,22 @@ KV_FORMATS = [("KV cache float (engine)", None), ("KV cache INT8 (engine)", "INT
               ("KV cache FP8 (engine)", "FP8")]
 
 
-def rtn_model(path: str, config: object, quant_config: QuantConfig) -> torch.nn.Module:
+def rtn_model(path: str, config: object, quant_config: QuantConfig, dtype: torch.dtype,
+              device: torch.device) -> torch.nn.Module:
     """The float model with every decoder linear's weight round-to-nearest
     fake-quantized to ``quant_config``'s int4 grid (same function as quantizing it)."""
     from rtllm.layers.linear import Linear
     from rtllm.quantization.awq import fake_quantize
 
-    model = build_model(path, config, torch.float32, torch.device("cpu"))
+    model = build_model(path, config, dtype, device)
     for m in model.modules():
         if isinstance(m, Linear) and m.prefix.startswith("model.layers."):
-            m.weight.data = fake_quantize(m.weight.data, quant_config)
+            m.weight.data = fake_quantize(m.weight.data.float(), quant_config).to(m.weight.dtype)
     return model
 
 
-def engine_perplexity(ids: list[int], window: int, kv_algo: str | None) -> float:
+def engine_perplexity(ids: list[int], window: int, kv_algo: str | None, dtype: str,
+                      device: str) -> float:
     """Perplexity through ``LLM`` with a (quantized) KV cache, windows as in
     :func:`rtllm.quantization.perplexity.perplexity`."""
     from rtllm import LLM, KvCacheConfig, SamplingParams
@@ -78,7 +80,7 @@ def engine_perplexity(ids: list[int], window: int, kv_algo: str | None) -> float
     windows = [ids[i : i + window] for i in range(0, len(ids) - 1, window)]
     windows = [w for w in windows if len(w) >= 2]
     quant = None if kv_algo is None else QuantConfig(kv_cache_quant_algo=kv_algo)
-    with LLM(None, dtype="float32", device="cpu", quant_config=quant,
+    with LLM(None, dtype=dtype, device=device, quant_config=quant,
              kv_cache_config=KvCacheConfig(enable_block_reuse=False)) as llm:
         outs = llm.generate(windows, SamplingParams(max_tokens=1, prompt_logprobs=0),
                             use_tqdm=False)
@@ -94,14 +96,17 @@ def main() -> None:
     parser.add_argument("--calib-size", type=int, default=40, help="calibration samples")
     parser.add_argument("--calib-max-seq-length", type=int, default=256, help="tokens per sample")
     parser.add_argument("--skip", default="", help="comma-separated substrings of rows to skip")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (FP8 rows need a GPU with FP8)")
+    parser.add_argument("--dtype", default="float32", help="activation dtype: float32, bfloat16")
     args = parser.parse_args()
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     path = default_model_path()
     config = load_model_config(path)
     with open(HELD_OUT, encoding="utf-8") as f:
         ids = load_tokenizer(path)(f.read(), add_special_tokens=False)["input_ids"]
     ids = torch.tensor(ids[: args.tokens])
     print(f"SmolLM2-135M-Instruct, {ids.numel()} tokens of held_out_english.txt, "
-          f"windows of {args.window}, float32 CPU")
+          f"windows of {args.window}, {args.dtype} on {args.device}")
     print("| format | perplexity | vs float | weight MB |")
     print("|---|---|---|---|")
     base = None
@@ -115,11 +120,15 @@ def main() -> None:
                 "calib_size": args.calib_size, "calib_max_seq_length": args.calib_max_seq_length,
             })
         start = time.perf_counter()
-        if quant_config is RTN_G64:
-            model = rtn_model(path, config, quant_config)
-        else:
-            model = build_model(path, config, torch.float32, torch.device("cpu"), quant_config=quant_config)
-        ppl = perplexity(model, ids, args.window)
+        try:
+            if quant_config is RTN_G64:
+                model = rtn_model(path, config, quant_config, dtype, device)
+            else:
+                model = build_model(path, config, dtype, device, quant_config=quant_config)
+            ppl = perplexity(model, ids, args.window)
+        except (NotImplementedError, RuntimeError, ValueError) as exc:  # one row, not the table
+            print(f"| {name} | failed: {type(exc).__name__}: {exc} | | |", flush=True)
+            continue
         base = base or ppl
         size = sum(p.numel() * p.dtype.itemsize for p in model.parameters()) / 1e6
         print(f"| {name} | {ppl:.3f} | {100 * (ppl / base - 1):+.2f}% | {size:.0f} |"
@@ -128,7 +137,7 @@ def main() -> None:
         if any(p in name for p in skip):
             continue
         start = time.perf_counter()
-        ppl = engine_perplexity(ids.tolist(), args.window, kv_algo)
+        ppl = engine_perplexity(ids.tolist(), args.window, kv_algo, args.dtype, args.device)
         print(f"| {name} | {ppl:.3f} | {100 * (ppl / base - 1):+.2f}% | - |"
               f"  <!-- {time.perf_counter() - start:.0f} s -->", flush=True)
 
