@@ -139,7 +139,7 @@ def _attend_tile(
     return m_new, l_i, acc
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["sliding_window"])
 def _context_attention_kernel(
     q_ptr,
     k_cache_ptr,

@@ -44,7 +44,8 @@ MAX_SPLITS = 128
 MIN_TOKENS_PER_SPLIT = 128
 
 
-@triton.jit
+# Split counts and windows vary between calls: no compiled variant per value class.
+@triton.jit(do_not_specialize=["sliding_window", "num_splits"])
 def _decode_partial_kernel(
     q_ptr,
     k_cache_ptr,
@@ -163,7 +164,7 @@ def _decode_partial_kernel(
         tl.store(part_lse_ptr + row, lse, mask=g_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _decode_reduce_kernel(
     part_o_ptr,
     part_lse_ptr,

@@ -93,7 +93,8 @@ _SUPPORTED_X = (torch.float16, torch.bfloat16, torch.float32)
 # ---- kernels -----------------------------------------------------------------------------
 
 
-@triton.jit
+# M varies with every prompt: one compiled variant per tile shape, not per M % 16.
+@triton.jit(do_not_specialize=["M", "blocks_per_split"])
 def _gemm_kernel(
     x_ptr,
     qw_ptr,
@@ -178,7 +179,7 @@ def _gemm_kernel(
         )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "split_k"])
 def _splitk_reduce_kernel(
     ws_ptr,
     bias_ptr,

@@ -162,6 +162,11 @@ def _graph_batch_sizes(args: LlmArgs, device: torch.device) -> list[int]:
     return default_graph_batch_sizes(min(graph_config.max_batch_size, args.max_batch_size))
 
 
+#: Context-step sizes run once at start-up: one per tile bucket of the quantized GEMMs
+#: (rtllm.kernels.quant_tuning.candidates: M <= 16, <= 32, <= 64, larger).
+_WARM_UP_SIZES = (16, 32, 64, 128)
+
+
 def _plan_kv_cache(
     runner: ModelRunner,
     args: LlmArgs,
@@ -180,6 +185,7 @@ def _plan_kv_cache(
         )
     weights = torch.cuda.memory_allocated(device)
     activations = runner.profile_peak_memory(args.max_num_tokens, max_seq_len)
+    runner.warm_up_context_sizes(tuple(n for n in _WARM_UP_SIZES if n < args.max_num_tokens), max_seq_len)
     # Graph capture keeps the activations of its largest batch in a private pool,
     # plus one shared float32 logits buffer.
     graphs = 0
