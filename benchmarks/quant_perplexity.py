@@ -81,7 +81,7 @@ def engine_perplexity(ids: list[int], window: int, kv_algo: str | None, dtype: s
     windows = [w for w in windows if len(w) >= 2]
     quant = None if kv_algo is None else QuantConfig(kv_cache_quant_algo=kv_algo)
     with LLM(None, dtype=dtype, device=device, quant_config=quant,
-             kv_cache_config=KvCacheConfig(enable_block_reuse=False)) as llm:
+             kv_cache_config=KvCacheConfig(enable_block_reuse=False, free_gpu_memory_fraction=0.2)) as llm:
         outs = llm.generate(windows, SamplingParams(max_tokens=1, prompt_logprobs=0),
                             use_tqdm=False)
     nll = [-pos[tok].logprob for w, o in zip(windows, outs, strict=True)
@@ -96,6 +96,7 @@ def main() -> None:
     parser.add_argument("--calib-size", type=int, default=40, help="calibration samples")
     parser.add_argument("--calib-max-seq-length", type=int, default=256, help="tokens per sample")
     parser.add_argument("--skip", default="", help="comma-separated substrings of rows to skip")
+    parser.add_argument("--only", default="", help="comma-separated substrings of the rows to run")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (FP8 rows need a GPU with FP8)")
     parser.add_argument("--dtype", default="float32", help="activation dtype: float32, bfloat16")
     args = parser.parse_args()
@@ -111,8 +112,12 @@ def main() -> None:
     print("|---|---|---|---|")
     base = None
     skip = [p for p in args.skip.split(",") if p]
+    only = [p for p in args.only.split(",") if p]
+
+    def wanted(name: str) -> bool:
+        return not any(p in name for p in skip) and (not only or any(p in name for p in only))
     for name, quant_config in FORMATS:
-        if any(p in name for p in skip):
+        if quant_config is not None and not wanted(name):  # float: always (the baseline)
             continue
         if quant_config is not None and quant_config is not RTN_G64 and not quant_config.keep_gguf_quantized:
             quant_config = QuantConfig(**{
@@ -134,7 +139,7 @@ def main() -> None:
         print(f"| {name} | {ppl:.3f} | {100 * (ppl / base - 1):+.2f}% | {size:.0f} |"
               f"  <!-- {time.perf_counter() - start:.0f} s -->", flush=True)
     for name, kv_algo in KV_FORMATS:
-        if any(p in name for p in skip):
+        if not wanted(name):
             continue
         start = time.perf_counter()
         ppl = engine_perplexity(ids.tolist(), args.window, kv_algo, args.dtype, args.device)
