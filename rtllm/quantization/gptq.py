@@ -12,14 +12,30 @@ quantized, so as to minimise the layer's output error on calibration inputs ``X`
   ``H[i, i] = 1`` and weight 0 (nothing can be learned about them);
 * ``U = cholesky(H^-1)`` (upper): row ``j`` of ``U`` divided by ``U[j, j]`` is how an
   error on column ``j`` is best compensated by the columns after it;
-* columns in their natural order (``desc_act=False``), in blocks of ``BLOCK`` columns:
-  inside a block each column's error ``e = (w - q) / U[j, j]`` updates the rest of
-  the block at once (``W[:, j+1:] -= e U[j, j+1:]``), the columns after the block get
-  the block's errors in one matrix product at its end (lazy batch updates);
-* each group's grid (scale, zero) is computed from the group's *updated* weights when
-  its first column is reached, with the arithmetic of :mod:`rtllm.quantization.rtn`:
-  asymmetric ``[min(w_min, 0), max(w_max, 0)]`` onto ``[0, 2**bits - 1]``, symmetric
-  ``amax / (2**(bits-1) - 1)``; ``group_size=-1`` is one group per row.
+* columns in blocks of ``BLOCK`` columns: inside a block each column's error
+  ``e = (w - q) / U[j, j]`` updates the rest of the block at once
+  (``W[:, j+1:] -= e U[j, j+1:]``), the columns after the block get the block's
+  errors in one matrix product at its end (lazy batch updates);
+* column order and grids (scale, zero per (row, group); groups are always
+  ``group_size`` contiguous input channels, ``group_size=-1`` one group per row):
+
+  - natural order (default): each group's grid is computed from the group's
+    *updated* weights when its first column is reached;
+  - act order (``act_order`` / :data:`ACT_ORDER`; GPTQ's ``desc_act`` with static
+    groups): columns in order of decreasing ``diag(H)`` (the most important first,
+    while the most columns are left to absorb their errors), ``W`` and ``H`` permuted
+    alike; every group's grid is computed once, up front, from the *input* weights
+    of its contiguous channels, and each column uses its own group's grid, so the
+    output layout stays plain contiguous groups (no ``g_idx``);
+
+* a grid is rtn's (:mod:`rtllm.quantization.rtn`): asymmetric ``[lo, hi] = [min(w_min,
+  0), max(w_max, 0)]`` onto ``[0, 2**bits - 1]``, symmetric ``amax / (2**(bits-1) -
+  1)``. With a grid search (``grid_shrinks`` / :data:`GRID_SHRINKS`) each (row, group)
+  instead keeps, of the ranges ``[a * lo, a * hi]`` (symmetric ``a * amax``) for ``a``
+  in ``1.0`` and the given factors, the one with the smallest importance-weighted
+  round-to-nearest error ``sum_i H[i, i] (w_i - dequant(quant(w_i)))**2`` over the
+  group's weights (those the grid is computed from); weights outside a shrunk range
+  clamp to the end codes.
 
 Output invariant (what lets the result travel through every float-weight path of
 rtllm: quantization on load, ``rtllm quantize`` and the dequantizing forward of a
@@ -27,18 +43,25 @@ float model during sequential calibration): the returned float weight
 ``(q - zero) * scale`` re-quantized by round-to-nearest
 (:func:`~rtllm.quantization.rtn.quantize_groupwise_asymmetric` /
 :func:`~rtllm.quantization.rtn.quantize_groupwise_symmetric`) gives back exactly the
-same codes and zeros, and scales equal up to float32 rounding. It holds because each
-group keeps its grid's end points: in every (row, group) the element that set the
-range when the grid was computed is quantized to the grid's end code (``0`` /
-``2**bits - 1``, or ``+-(2**(bits-1) - 1)`` symmetric) whatever the error feedback
-did to it since (it received no more than a few steps of feedback; its rounding error
-is fed back like any other), and symmetric codes stay in ``[-qmax, qmax]`` (RTN never
-produces ``-qmax - 1``). A group whose range is 0 at grid time is quantized to 0.
+same codes and zeros, and scales equal up to float32 rounding. It holds because every
+(row, group) contains its grid's end codes, so that RTN finds the very same range:
+``0`` where ``zero > 0`` and ``2**bits - 1`` where ``zero < 2**bits - 1`` (the other
+end is 0.0 itself), symmetric ``+qmax`` or ``-qmax`` (``qmax = 2**(bits-1) - 1``).
+Each needed end has a keeper, the element that set that end of the range when the
+grid was computed (``argmin`` / ``argmax``, symmetric ``argmax |w|``), which is
+quantized to that end code whatever the error feedback did to it since (its rounding
+error is fed back like any other). In natural order the keeper always is (it got no
+more than a few steps of feedback since its grid was computed); in act order, where it
+may have received much more, only when its end code has not come out of the group yet
+(the smallest / largest code each (row, group) received so far is tracked).
+Symmetric codes stay in ``[-qmax, qmax]`` (RTN never produces ``-qmax - 1``). A group
+whose range is 0 at grid time is quantized to 0.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -51,6 +74,14 @@ logger = logging.getLogger(__name__)
 BLOCK = 128
 #: Dampening added to the Hessian's diagonal, as a fraction of its mean diagonal.
 DAMP = 0.01
+#: Default of :func:`gptq_quantize`'s ``act_order``: columns in order of decreasing
+#: ``diag(H)`` with static groups (module doc).
+ACT_ORDER = False
+#: Default of :func:`gptq_quantize`'s ``grid_shrinks``: range factors tried per (row,
+#: group) besides 1.0 (module doc); empty: the plain min / max grid.
+GRID_SHRINKS: tuple[float, ...] = ()
+#: A grid search a caller can set :data:`GRID_SHRINKS` to: 1.0, 0.95, ..., 0.75.
+SHRINK_GRID = tuple(1.0 - i / 20 for i in range(6))
 
 
 @dataclass(slots=True)
@@ -92,49 +123,89 @@ def _inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
 
 
 @dataclass(slots=True)
-class _Grid:
-    """One group's grid, per row (output channel) of the weight."""
+class _Grids:
+    """Grids of ``G`` groups, one per (group, row): tensors ``[G, out]``."""
 
-    scale: torch.Tensor  # [out] float32, > 0
-    zero: torch.Tensor  # [out] float32 integer values (unsigned code of 0.0)
-    low: float  # smallest unsigned code rounding may give
-    high: float  # largest unsigned code rounding may give
-    forced: torch.Tensor  # [g, out] bool: element keeps a fixed code (grid end / empty)
-    forced_code: torch.Tensor  # [g, out] float32 unsigned code where ``forced``
+    scale: torch.Tensor  # float32, > 0
+    zero: torch.Tensor  # float32 integer values (unsigned code of 0.0)
+    keep_low: torch.Tensor  # int64 input channel keeping the low end code; -1: none
+    keep_high: torch.Tensor  # int64 input channel keeping the high end code; -1: none
+    empty: torch.Tensor  # bool: range 0, every element quantized to ``zero``
 
 
-def _grid(wt: torch.Tensor, bits: int, zero_point: bool) -> _Grid:
-    """The grid of one group from its current weights ``wt`` ``[g, out]`` (transposed),
-    with rtn's arithmetic, and the elements that keep its ends (module doc)."""
-    cols = torch.arange(wt.shape[0], device=wt.device)[:, None]
+def _codes(
+    w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, low: float, high: float
+) -> torch.Tensor:
+    """Round-to-nearest unsigned codes of ``w`` on the grid ``(scale, zero)``."""
+    return (torch.round(w / scale) + zero).clamp_(low, high)
+
+
+def _grids(
+    wt: torch.Tensor,
+    importance: torch.Tensor,
+    first: torch.Tensor,
+    bits: int,
+    zero_point: bool,
+    shrinks: Sequence[float],
+) -> _Grids:
+    """The grids of groups ``wt`` ``[G, g, out]`` (transposed weights), with rtn's
+    arithmetic and the range factor of ``(1.0, *shrinks)`` that minimises each (row,
+    group)'s error weighted by ``importance`` ``[G, g]`` (module doc); ``first``
+    ``[G]``: each group's first input channel (to name the keepers)."""
+    d = importance[:, :, None]
     if zero_point:
         qmax = float((1 << bits) - 1)
-        lo = wt.amin(dim=0).clamp(max=0.0)
-        hi = wt.amax(dim=0).clamp(min=0.0)
-        span = hi - lo
-        scale = torch.where(span > 0, span / qmax, torch.ones_like(span))
-        zero = torch.round(-lo / scale).clamp_(0, qmax)
-        empty = span == 0
-        # zero > 0 needs lo < 0, so the argmin set lo; zero < qmax needs hi > 0.
-        keep_low = (cols == wt.argmin(dim=0)) & (zero > 0)
-        keep_high = (cols == wt.argmax(dim=0)) & (zero < qmax)
-        forced_code = torch.where(keep_high, qmax, 0.0)
         low, high = 0.0, qmax
+        lo0 = wt.amin(dim=1).clamp(max=0.0)
+        hi0 = wt.amax(dim=1).clamp(min=0.0)
+        empty = hi0 == lo0
     else:
         qmax = float((1 << (bits - 1)) - 1)
         offset = float(1 << (bits - 1))
-        amax, arg = wt.abs().max(dim=0)
-        scale = torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
-        zero = torch.full_like(scale, offset)
-        empty = amax == 0
-        keep_low = torch.zeros_like(empty)[None, :]
-        keep_high = cols == arg
-        sign = torch.sign(wt.gather(0, arg[None, :])).squeeze(0)
-        forced_code = (offset + sign * qmax).expand(wt.shape[0], -1)
         low, high = offset - qmax, offset + qmax
-    forced = keep_low | keep_high | empty
-    forced_code = torch.where(empty, zero, forced_code).expand(wt.shape).contiguous()
-    return _Grid(scale, zero, low, high, forced.expand(wt.shape).contiguous(), forced_code)
+        amax0, arg = wt.abs().max(dim=1)
+        empty = amax0 == 0
+    factors = (1.0, *(a for a in shrinks if a != 1.0))
+    best_err: torch.Tensor | None = None
+    for factor in factors:
+        if zero_point:
+            lo, hi = lo0 * factor, hi0 * factor
+            span = hi - lo
+            scale = torch.where(span > 0, span / qmax, torch.ones_like(span))
+            zero = torch.round(-lo / scale).clamp_(0, qmax)
+        else:
+            amax = amax0 * factor
+            scale = torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
+            zero = torch.full_like(scale, offset)
+        if len(factors) == 1:  # no search
+            best_scale, best_zero = scale, zero
+            break
+        q = _codes(wt, scale[:, None], zero[:, None], low, high)
+        err = (d * (wt - (q - zero[:, None]) * scale[:, None]).square()).sum(dim=1)
+        if best_err is None:
+            best_err, best_scale, best_zero = err, scale, zero
+        else:  # strictly better only: ties keep the wider range
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_scale = torch.where(better, scale, best_scale)
+            best_zero = torch.where(better, zero, best_zero)
+    base = first[:, None]
+    none = torch.full_like(base, -1)
+    if zero_point:
+        # zero > 0 needs lo < 0, which the argmin set; zero < qmax needs hi > 0.
+        keep_low = torch.where(best_zero > 0, wt.argmin(dim=1) + base, none)
+        keep_high = torch.where(best_zero < qmax, wt.argmax(dim=1) + base, none)
+    else:
+        sign = wt.gather(1, arg[:, None]).squeeze(1)
+        keep_low = torch.where(sign < 0, arg + base, none)
+        keep_high = torch.where(sign > 0, arg + base, none)
+    return _Grids(best_scale, best_zero, keep_low, keep_high, empty)
+
+
+def _store(grids: _Grids, index: int | slice, part: _Grids) -> None:
+    """Write ``part``'s grids over groups ``index`` of ``grids``."""
+    for name in _Grids.__slots__:
+        getattr(grids, name)[index] = getattr(part, name)
 
 
 @torch.no_grad()
@@ -146,14 +217,19 @@ def gptq_quantize(
     zero_point: bool = True,
     damp: float | None = None,
     block: int = BLOCK,
+    act_order: bool | None = None,
+    grid_shrinks: Sequence[float] | None = None,
 ) -> GptqResult:
     """GPTQ rounding of ``weight`` ``[out, in]`` for inputs with Hessian ``h``
-    ``[in, in]`` (module doc); ``group_size=-1``: one group per row; ``damp``:
-    :data:`DAMP` when None.
+    ``[in, in]`` (module doc); ``group_size=-1``: one group per row. None means the
+    module default: ``damp`` :data:`DAMP`, ``act_order`` :data:`ACT_ORDER` (columns
+    by decreasing ``diag(H)``, static groups), ``grid_shrinks`` :data:`GRID_SHRINKS`
+    (range factors in ``(0, 1]`` tried besides 1.0; empty: plain min / max grids).
 
     Raises:
-        ValueError: bad shapes, a group size that does not divide ``in``, or a
-            Hessian that no dampening makes positive definite.
+        ValueError: bad shapes, a group size that does not divide ``in``, a range
+            factor outside ``(0, 1]``, or a Hessian that no dampening makes positive
+            definite.
     """
     if bits not in (4, 8):
         raise ValueError(f"bits must be 4 or 8, got {bits}")
@@ -163,48 +239,89 @@ def gptq_quantize(
     group = in_features if group_size == -1 else group_size
     if group <= 0 or in_features % group:
         raise ValueError(f"group_size {group_size} does not divide in_features {in_features}")
+    act_order = ACT_ORDER if act_order is None else act_order
+    shrinks = tuple(GRID_SHRINKS if grid_shrinks is None else grid_shrinks)
+    if not all(0.0 < a <= 1.0 for a in shrinks):
+        raise ValueError(f"grid range factors must lie in (0, 1], got {shrinks}")
     # Transposed [in, out]: a weight column (one input channel) is a contiguous row.
     wt = weight.float().t().contiguous()
     h = h.float().clone()
     dead = torch.diagonal(h) == 0
     h[dead, dead] = 1.0
     wt[dead] = 0.0
-    u = _inverse_cholesky(h, DAMP if damp is None else damp)
-    codes = torch.empty_like(wt)
+    importance = torch.diagonal(h).clone()
     num_groups = in_features // group
-    scales = torch.empty(num_groups, out_features, device=wt.device)
-    zeros = torch.empty_like(scales)
-    grid: _Grid | None = None
+    device = wt.device
+    # Unsigned codes rounding may give: [0, 2**bits - 1]; symmetric [offset - qmax,
+    # offset + qmax] with offset 2**(bits-1), qmax 2**(bits-1) - 1.
+    low, high = (0.0 if zero_point else 1.0), float((1 << bits) - 1)
+    starts = torch.arange(0, in_features, group, device=device)
+    if act_order:  # static groups: every grid now, from the input weights
+        grids = _grids(
+            wt.view(num_groups, group, out_features), importance.view(num_groups, group),
+            starts, bits, zero_point, shrinks,
+        )
+        order = torch.argsort(importance, descending=True, stable=True)
+        wt, h = wt[order], h[order][:, order]
+    else:
+        grids = _Grids(
+            torch.empty(num_groups, out_features, device=device),
+            torch.empty(num_groups, out_features, device=device),
+            torch.empty(num_groups, out_features, dtype=torch.long, device=device),
+            torch.empty(num_groups, out_features, dtype=torch.long, device=device),
+            torch.empty(num_groups, out_features, dtype=torch.bool, device=device),
+        )
+        order = torch.arange(in_features, device=device)
+    channels = order.tolist()  # input channel quantized at each position
+    u = _inverse_cholesky(h, DAMP if damp is None else damp)
+    codes = torch.empty(in_features, out_features, device=device)
+    # Smallest / largest code each (group, row) has received so far: an end code is
+    # present once they reach it (module doc's invariant).
+    seen_low = torch.full((num_groups, out_features), high + 1, device=device)
+    seen_high = torch.full((num_groups, out_features), low - 1, device=device)
     for start in range(0, in_features, block):
         stop = min(start + block, in_features)
         w_block = wt[start:stop].clone()  # receives this block's in-block updates
         errors = torch.empty_like(w_block)
         u_block = u[start:stop, start:stop]
         for j in range(stop - start):
-            col = start + j
-            if col % group == 0:
+            col = channels[start + j]
+            g = col // group
+            if not act_order and col % group == 0:
                 # The group's current weights: updated in-block columns, then (groups
                 # wider than a block) columns after the block, updated up to it.
                 end = col + group
                 current = w_block[j : j + group]
                 if end > stop:
                     current = torch.cat([current, wt[stop:end]])
-                grid = _grid(current, bits, zero_point)
-                scales[col // group] = grid.scale
-                zeros[col // group] = grid.zero
-            assert grid is not None  # column 0 starts a group
-            w = w_block[j]
-            q = (torch.round(w / grid.scale) + grid.zero).clamp_(grid.low, grid.high)
-            q = torch.where(grid.forced[col % group], grid.forced_code[col % group], q)
+                part = _grids(
+                    current[None], importance[None, col:end], starts[g : g + 1],
+                    bits, zero_point, shrinks,
+                )
+                _store(grids, slice(g, g + 1), part)
+            w, scale, zero = w_block[j], grids.scale[g], grids.zero[g]
+            q = _codes(w, scale, zero, low, high)
+            force_low, force_high = grids.keep_low[g] == col, grids.keep_high[g] == col
+            if act_order:  # static grids: force a keeper only while its end is missing
+                need_low, need_high = seen_low[g] > low, seen_high[g] < high
+                if not zero_point:  # one end code, either sign, is enough
+                    need_low = need_high = need_low & need_high
+                force_low, force_high = force_low & need_low, force_high & need_high
+            q = torch.where(force_low, low, q)
+            q = torch.where(force_high, high, q)
+            q = torch.where(grids.empty[g], zero, q)
+            if act_order:
+                torch.minimum(seen_low[g], q, out=seen_low[g])
+                torch.maximum(seen_high[g], q, out=seen_high[g])
             codes[col] = q
-            err = (w - (q - grid.zero) * grid.scale) / u_block[j, j]
+            err = (w - (q - zero) * scale) / u_block[j, j]
             # Invariant: columns > j of the block hold all feedback from columns <= j.
             w_block[j + 1 :].addr_(u_block[j, j + 1 :], err, alpha=-1.0)
             errors[j] = err
         # Invariant: columns >= stop hold all feedback from columns < stop.
         wt[stop:].addmm_(u[start:stop, stop:].t(), errors, alpha=-1.0)
     q = codes.t().to(torch.uint8)
-    scales, zeros = scales.t().contiguous(), zeros.t().contiguous()
+    scales, zeros = grids.scale.t().contiguous(), grids.zero.t().contiguous()
     expanded = torch.repeat_interleave
     dequantized = (codes.t() - expanded(zeros, group, dim=1)) * expanded(scales, group, dim=1)
     return GptqResult(GroupwiseWeights(q, zeros.to(torch.int32), scales), dequantized)
