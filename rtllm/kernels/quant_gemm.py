@@ -227,7 +227,9 @@ def _run(
     m, k = x2.shape
     n = packed.out_features
     if cfg.kernel == "gemv":
-        gemv = GemvConfig(cfg.block_n or 8, cfg.chunk or 32, cfg.split_k or 1, cfg.num_warps or 1)
+        gemv = GemvConfig(
+            cfg.block_n or 8, cfg.chunk or 32, cfg.split_k or 1, cfg.num_warps or 1, cfg.num_stages or 1
+        )
         for r in range(0, m, GEMV_MAX_BLOCK_M):  # row tiles (M > 8 only when forced)
             quant_gemv(
                 x2[r : r + GEMV_MAX_BLOCK_M], packed, bias, out[r : r + GEMV_MAX_BLOCK_M], gemv

@@ -63,13 +63,16 @@ class GemvConfig:
     ``block_n`` channels and ``blocks`` 4-word blocks of K per program step (powers of
     two; on a GPU ``blocks = 32 * num_warps``, one block per thread: fewer leaves lanes
     duplicating work, small values are for the interpreter's tests), ``split_k`` K
-    slices, ``num_warps``.
+    slices, ``num_warps``; ``prefetch``: steps of weight loads in flight ahead of the
+    arithmetic (1 or 2; more bytes in flight per warp where too few warps share an SM
+    to hide DRAM latency, at the cost of ``4 * block_n`` registers a thread).
     """
 
     block_n: int = 4
     blocks: int = 32
     split_k: int = 1
     num_warps: int = 1
+    prefetch: int = 1
 
 
 @triton.jit
@@ -98,6 +101,7 @@ def _gemv_kernel(
     PER_CHANNEL: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     SPLIT: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):
     FIELDS: tl.constexpr = 32 // BITS
     CH: tl.constexpr = 4 * FIELDS  # input channels per block
@@ -136,10 +140,18 @@ def _gemv_kernel(
     # finite magic floats) and meet x == 0, so they add nothing.
     last = num_blocks - 1
     w_next = tl.load(w_ptrs + tl.minimum(lo + b4, last) * 4)
+    if PREFETCH == 2:  # noqa: SIM108 (a constexpr branch: one side is compiled)
+        w_after = tl.load(w_ptrs + tl.minimum(lo + NB + b4, last) * 4)
+    else:
+        w_after = w_next  # not used
     for start in range(lo, hi, NB):
         w = w_next
         in_k = start + b4 < hi  # [NB, 1, 1, 1]: this lane's block exists
-        w_next = tl.load(w_ptrs + tl.minimum(start + NB + b4, last) * 4)
+        if PREFETCH == 2:
+            w_next = w_after
+            w_after = tl.load(w_ptrs + tl.minimum(start + 2 * NB + b4, last) * 4)
+        else:
+            w_next = tl.load(w_ptrs + tl.minimum(start + NB + b4, last) * 4)
         # part: sum (off + q) x per word; sx_lo / sx_hi: sum of x over the fields at
         # offset 1024 / 64 (int8: all at 1024). Fields are unrolled.
         for j in tl.static_range(FIELDS):
@@ -255,6 +267,8 @@ def quant_gemv(
         raise ValueError(f"the GEMV takes 1..{GEMV_MAX_BLOCK_M} rows, got {m}")
     if cfg.blocks < 1 or cfg.blocks & (cfg.blocks - 1):
         raise ValueError(f"GemvConfig.blocks must be a power of two, got {cfg.blocks}")
+    if cfg.prefetch not in (1, 2):
+        raise ValueError(f"GemvConfig.prefetch must be 1 or 2, got {cfg.prefetch}")
     if cfg.block_n & (cfg.block_n - 1):
         raise ValueError(f"GemvConfig.block_n must be a power of two, got {cfg.block_n}")
     fields = 32 // packed.bits
@@ -297,6 +311,7 @@ def quant_gemv(
         PER_CHANNEL=packed.per_channel,
         HAS_BIAS=bias is not None,
         SPLIT=split > 1,
+        PREFETCH=cfg.prefetch,
         num_warps=cfg.num_warps,
         num_stages=1,
     )

@@ -8,6 +8,7 @@ so the engine's CUDA-graph batch sizes tune a handful of keys per layer shape.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 from collections.abc import Callable
@@ -87,8 +88,9 @@ def candidates(
             8: ((2, 1), (1, 1), (2, 2)),
         }
         fields = 32 // bits
+        gemv = []
         for block_n, warps in dict.fromkeys(tiles_by_m[block_m]):
-            out.append(QuantGemmConfig("gemv", None, block_n, 32 * warps, 1, warps))
+            gemv.append(QuantGemmConfig("gemv", None, block_n, 32 * warps, 1, warps))
             # Bytes in flight: each warp has one step of loads outstanding (block_n x
             # 512 B), so N / block_n programs hold N x 512 B per warp-width whatever
             # block_n is: ~16 KB per SM at N = 4096, a quarter of what hides DRAM
@@ -97,7 +99,13 @@ def candidates(
             steps = triton.cdiv(k // (4 * fields), 32 * warps)
             split = min(triton.cdiv(8 * num_sms, warps_total), steps // 2)
             if split > 1:
-                out.append(QuantGemmConfig("gemv", None, block_n, 32 * warps, split, warps))
+                gemv.append(QuantGemmConfig("gemv", None, block_n, 32 * warps, split, warps))
+        out += gemv
+        if m == 1:
+            # Batch 1 has the fewest warps per SM to hide DRAM latency: each tile again
+            # with two steps of weight loads in flight (``num_stages`` is the GEMV's
+            # prefetch depth).
+            out += [dataclasses.replace(c, num_stages=2) for c in gemv]
     if m > 1:
         # GEMM tiles (H200 sweeps of the previous kernel: 16x64 for M <= 16, 64x128 for
         # M <= 64, 128x256 with 8 warps beyond).

@@ -175,16 +175,20 @@ def test_gemv_matches_reference(
 
 
 @pytest.mark.parametrize(("bits", "group_size"), [(4, 64), (8, -1)])
-@pytest.mark.parametrize("split_k", [2, 3])
+@pytest.mark.parametrize(("split_k", "prefetch"), [(2, 1), (3, 1), (1, 2), (3, 2)])
 def test_gemv_split_k_single_launch(
-    device: torch.device, bits: int, group_size: int, split_k: int
+    device: torch.device, bits: int, group_size: int, split_k: int, prefetch: int
 ) -> None:
-    """Split-K partials reduced by the last slice; the counters reset between calls."""
+    """Split-K partials reduced by the last slice; the counters reset between calls.
+    Prefetch 2 (two steps of weight loads in flight) gives the same sums, with slices
+    shorter and longer than two steps."""
     n, k = 24, 512
     p = random_packed(n, k, bits, group_size, device, seed=split_k)
     gen = torch.Generator().manual_seed(3)
     bias = torch.randn(n, generator=gen).to(device, torch.float16)
-    cfg = QuantGemmConfig(kernel="gemv", block_n=4, chunk=4, split_k=split_k, num_warps=1)
+    cfg = QuantGemmConfig(
+        kernel="gemv", block_n=4, chunk=4, split_k=split_k, num_warps=1, num_stages=prefetch
+    )
     for m in (1, 3):
         x = torch.randn(m, k, generator=gen).to(device, torch.float16)
         assert_matches(quant_linear(x, p, bias, cfg), quant_linear_ref(x, p, bias))
@@ -246,7 +250,7 @@ def test_candidates(m: int, k: int, n: int, bits: int) -> None:
     """Every tuning candidate is launchable: GEMV only up to GEMV_MAX_M and within its
     register budget, dequantize-then-cuBLAS only from DEQUANT_MIN_M."""
     cands = candidates(m, n, k, bits, num_sms=132)
-    assert cands and len(cands) <= 10
+    assert cands and len(cands) <= (20 if m == 1 else 10)  # M = 1: both prefetch depths
     kinds = {c.kernel for c in cands}
     assert ("gemv" in kinds) == (m <= GEMV_MAX_M)
     assert ("gemm" in kinds) == (m > 1)
@@ -254,6 +258,7 @@ def test_candidates(m: int, k: int, n: int, bits: int) -> None:
     for c in cands:
         if c.kernel == "gemv":
             assert c.chunk == 32 * c.num_warps and c.split_k >= 1
+            assert c.num_stages in (None, 2) and (c.num_stages is None or m == 1)
             assert triton_next_pow2(m) * c.block_n <= 16
 
 
@@ -332,11 +337,13 @@ def test_gpu_groups_and_bias(bits: int, group_size: int, m: int) -> None:
 
 @pytest.mark.gpu
 @requires_cuda
-@pytest.mark.parametrize("split_k", [1, 4])
-def test_gpu_cuda_graph_replay(split_k: int) -> None:
+@pytest.mark.parametrize(("split_k", "prefetch"), [(1, 1), (4, 1), (1, 2), (4, 2)])
+def test_gpu_cuda_graph_replay(split_k: int, prefetch: int) -> None:
     p = random_packed(2048, 1024, 4, 128, "cuda")
     x = torch.randn(1, 1024, device="cuda", dtype=torch.bfloat16)
-    cfg = QuantGemmConfig(kernel="gemv", block_n=8, chunk=32, split_k=split_k, num_warps=1)
+    cfg = QuantGemmConfig(
+        kernel="gemv", block_n=8, chunk=32, split_k=split_k, num_warps=1, num_stages=prefetch
+    )
     quant_linear(x, p, None, cfg)  # compile before capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
