@@ -36,7 +36,9 @@ CASES = {
     "w8a16": (QuantConfig(quant_algo="W8A16"), WeightOnlyInt8Linear, 0.15),
     "w4a16": (QuantConfig(quant_algo="W4A16"), WeightOnlyGroupwiseLinear, 0.9),
     "w4a16_gptq_g32": (
-        QuantConfig(quant_algo="W4A16_GPTQ", group_size=32), WeightOnlyGroupwiseLinear, 0.8,
+        QuantConfig(quant_algo="W4A16_GPTQ", group_size=32, **SMALL_CALIB),
+        WeightOnlyGroupwiseLinear,
+        0.8,
     ),
     "w4a16_awq": (
         QuantConfig(quant_algo="W4A16_AWQ", group_size=64, has_zero_point=True, **SMALL_CALIB),
@@ -90,7 +92,7 @@ def test_quantized_on_load(tiny_llama, float_logits, name):
 
 
 def test_group_size_honoured(tiny_llama):
-    model = _build(tiny_llama[0], QuantConfig(quant_algo="W4A16_GPTQ", group_size=32))
+    model = _build(tiny_llama[0], QuantConfig(quant_algo="W4A16_GPTQ", group_size=32, **SMALL_CALIB))
     quant = model.model.layers[0].mlp.down_proj.quant
     assert quant.weight_scale.shape == (128, 256 // 32)
     per_channel = _build(tiny_llama[0], QuantConfig(quant_algo="W4A16", group_size=32))
@@ -126,13 +128,17 @@ def test_excluding_part_of_a_fused_layer_is_rejected(tiny_llama):
 
 
 def test_awq_beats_round_to_nearest(tiny_llama, float_logits):
-    """Same int4 layout (group 64, zero point): AWQ's calibrated scales give a smaller
-    error than plain RTN on a model with activation outliers."""
+    """Same int4 layout (group 64, zero point): AWQ's calibrated scales (+ GPTQ
+    rounding) give a smaller error than GPTQ rounding alone on a model with
+    activation outliers."""
     awq = _build(tiny_llama[0], CASES["w4a16_awq"][0])
-    rtn = _build(tiny_llama[0], QuantConfig(quant_algo="W4A16_GPTQ", group_size=64, has_zero_point=True))
+    gptq = _build(
+        tiny_llama[0],
+        QuantConfig(quant_algo="W4A16_GPTQ", group_size=64, has_zero_point=True, **SMALL_CALIB),
+    )
     err_awq = _rel(dense_forward(awq, IDS), float_logits)
-    err_rtn = _rel(dense_forward(rtn, IDS), float_logits)
-    assert err_awq < 0.8 * err_rtn, (err_awq, err_rtn)
+    err_gptq = _rel(dense_forward(gptq, IDS), float_logits)
+    assert err_awq < 0.9 * err_gptq, (err_awq, err_gptq)  # measured 0.81
 
 
 def test_awq_folds_scales_and_sq_keeps_them_in_o_and_down(tiny_llama):
