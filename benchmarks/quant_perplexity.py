@@ -27,7 +27,7 @@ import torch
 from rtllm.llmapi.tokenizer import load_tokenizer
 from rtllm.models.default_model import default_model_path
 from rtllm.models.loader import build_model, load_model_config
-from rtllm.quantization import QuantConfig
+from rtllm.quantization import QuantConfig, gptq
 from rtllm.quantization.perplexity import perplexity
 
 HELD_OUT = os.path.join(os.path.dirname(__file__), "..", "tests", "data", "held_out_english.txt")
@@ -97,17 +97,27 @@ def main() -> None:
     parser.add_argument("--calib-max-seq-length", type=int, default=256, help="tokens per sample")
     parser.add_argument("--skip", default="", help="comma-separated substrings of rows to skip")
     parser.add_argument("--only", default="", help="comma-separated substrings of the rows to run")
+    parser.add_argument("--gptq-act-order", type=int, choices=(0, 1), default=None,
+                        help="GPTQ columns by decreasing Hessian diagonal (default: gptq.ACT_ORDER)")
+    parser.add_argument("--gptq-grid", type=int, choices=(0, 1), default=None,
+                        help="GPTQ grid shrink search over gptq.SHRINK_GRID (default: gptq.GRID_SHRINKS)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (FP8 rows need a GPU with FP8)")
     parser.add_argument("--dtype", default="float32", help="activation dtype: float32, bfloat16")
     args = parser.parse_args()
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    if args.gptq_act_order is not None:
+        gptq.ACT_ORDER = bool(args.gptq_act_order)
+    if args.gptq_grid is not None:
+        gptq.GRID_SHRINKS = gptq.SHRINK_GRID if args.gptq_grid else ()
     path = default_model_path()
     config = load_model_config(path)
     with open(HELD_OUT, encoding="utf-8") as f:
         ids = load_tokenizer(path)(f.read(), add_special_tokens=False)["input_ids"]
     ids = torch.tensor(ids[: args.tokens])
     print(f"SmolLM2-135M-Instruct, {ids.numel()} tokens of held_out_english.txt, "
-          f"windows of {args.window}, {args.dtype} on {args.device}")
+          f"windows of {args.window}, {args.dtype} on {args.device}; calibration "
+          f"{args.calib_size} x {args.calib_max_seq_length}, GPTQ act order {gptq.ACT_ORDER}, "
+          f"grid {gptq.GRID_SHRINKS}")
     print("| format | perplexity | vs float | weight MB |")
     print("|---|---|---|---|")
     base = None
