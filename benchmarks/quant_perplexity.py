@@ -1,10 +1,14 @@
-"""Perplexity of the embedded SmolLM2-135M per quantization format (CPU, float32).
+"""Perplexity of the embedded SmolLM2-135M per quantization format (CPU or GPU).
 
 Text: tests/data/held_out_english.txt (Coriolanus), first ``--tokens`` tokens, windows
 of ``--window`` tokens (see rtllm.quantization.perplexity). "float" is the GGUF file
 dequantized. Prints a Markdown table for benchmarks/RESULTS.md.
 
     python benchmarks/quant_perplexity.py [--tokens 20480] [--window 1024] [--skip SQ,FP8]
+        [--only AWQ] [--device cuda --dtype bfloat16] [--gptq-act-order 0|1] [--gptq-grid 0|1]
+
+FP8 rows need a GPU with FP8 (``--device cuda``); on a CPU they run the float32
+reference of the same arithmetic.
 
 W4A16_AWQ is AWQ's scale search + GPTQ rounding and W4A16_GPTQ GPTQ rounding, both
 calibrated layer by layer on ``--calib-size`` x ``--calib-max-seq-length`` tokens of
@@ -93,8 +97,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=20480, help="tokens evaluated (>= 20k)")
     parser.add_argument("--window", type=int, default=1024, help="tokens per window")
-    parser.add_argument("--calib-size", type=int, default=40, help="calibration samples")
-    parser.add_argument("--calib-max-seq-length", type=int, default=256, help="tokens per sample")
+    parser.add_argument("--calib-size", type=int, default=128, help="calibration samples")
+    parser.add_argument("--calib-max-seq-length", type=int, default=512, help="tokens per sample")
     parser.add_argument("--skip", default="", help="comma-separated substrings of rows to skip")
     parser.add_argument("--only", default="", help="comma-separated substrings of the rows to run")
     parser.add_argument("--gptq-act-order", type=int, choices=(0, 1), default=None,

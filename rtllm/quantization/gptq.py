@@ -74,14 +74,17 @@ logger = logging.getLogger(__name__)
 BLOCK = 128
 #: Dampening added to the Hessian's diagonal, as a fraction of its mean diagonal.
 DAMP = 0.01
+#: A grid search over range factors: 1.0, 0.95, ..., 0.75.
+SHRINK_GRID = tuple(1.0 - i / 20 for i in range(6))
 #: Default of :func:`gptq_quantize`'s ``act_order``: columns in order of decreasing
-#: ``diag(H)`` with static groups (module doc).
-ACT_ORDER = False
+#: ``diag(H)`` with static groups (module doc). On by default, with the grid search:
+#: W4A16_AWQ int4 g64 on the embedded SmolLM2-135M, 20,480 held-out tokens, 128 x 512
+#: calibration tokens (benchmarks/RESULTS.md): +9.6 % perplexity in natural order with
+#: min / max grids, +6.1 % in act order, +4.6 % in act order with the grid search.
+ACT_ORDER = True
 #: Default of :func:`gptq_quantize`'s ``grid_shrinks``: range factors tried per (row,
 #: group) besides 1.0 (module doc); empty: the plain min / max grid.
-GRID_SHRINKS: tuple[float, ...] = ()
-#: A grid search a caller can set :data:`GRID_SHRINKS` to: 1.0, 0.95, ..., 0.75.
-SHRINK_GRID = tuple(1.0 - i / 20 for i in range(6))
+GRID_SHRINKS: tuple[float, ...] = SHRINK_GRID
 
 
 @dataclass(slots=True)
