@@ -6,8 +6,9 @@ Bounds, relative to that float perplexity on the same tokens:
 * GGUF kept quantized (``QuantConfig.from_gguf()``, int4 g32 from the Q4_1 blocks):
   within 0.1% (same weights up to float rounding);
 * W8A16 (int8 per channel, RTN): within 1%;
-* W4A16_AWQ (int4 g64 with zero point, AWQ scale search + GPTQ rounding calibrated on
-  8 x 256 tokens of the packaged text): within ``AWQ_BOUND`` (see below).
+* W4A16_AWQ (int4 g64 with zero point, AWQ scale search + GPTQ rounding in act order
+  with the grid search, calibrated on 16 x 256 tokens of the packaged text): within
+  8% (``AWQ_BOUND``, the issue's bound).
 
 CPU time: the test evaluates ``NUM_TOKENS`` tokens in windows of 1024 (2 windows, the
 same tokens for every format) so the four models fit the suite's time budget on two
@@ -34,12 +35,12 @@ NUM_TOKENS = 2048
 WINDOW = 1024
 # Measured on 4096 tokens: float 32.62, W8A16 32.74 (+0.4%), GGUF kept 32.62.
 # W4A16_AWQ is AWQ scale search + GPTQ rounding, calibrated layer by layer. First 2048
-# tokens, float 29.05: calibrated on 8 x 256 tokens (this test) 32.69 (+12.5%), on
-# 40 x 256 tokens 31.74 (+9.2%); AWQ scales with round-to-nearest (before GPTQ) gave
-# 32.90 (+13%), GPTQ alone (8 x 256) 34.38 (+18%). The issue asks for 8%: not reached
-# by this 135M model re-quantized from Q4_1 g32 to int4 g64 (benchmarks/RESULTS.md has
-# the figures), so the bound holds what was reached before GPTQ (+13-16%).
-AWQ_BOUND = 0.16
+# tokens, float 29.054: GPTQ in act order with the grid search (the defaults),
+# calibrated on 16 x 256 tokens (this test, ~2 min on two cores) 30.491 (+4.9%), on
+# 8 x 256 tokens 31.974 (+10.1%). Before act order and the grid search: 8 x 256 tokens
+# +12.5%, 40 x 256 tokens +9.2%. On 20,480 tokens (GPU, 128 x 512 calibration):
+# +4.6% (benchmarks/RESULTS.md).
+AWQ_BOUND = 0.08
 HELD_OUT = os.path.join(os.path.dirname(__file__), "..", "data", "held_out_english.txt")
 
 
@@ -81,6 +82,6 @@ def test_w8a16_within_1_percent(setup, float_ppl):
 
 def test_w4a16_awq(setup, float_ppl):
     config = QuantConfig(quant_algo="W4A16_AWQ", group_size=64, has_zero_point=True,
-                         calib_size=8, calib_max_seq_length=256)
+                         calib_size=16, calib_max_seq_length=256)
     ratio = _ppl(setup, config) / float_ppl
     assert 1.0 < ratio < 1.0 + AWQ_BOUND, ratio
