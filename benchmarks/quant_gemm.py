@@ -59,6 +59,9 @@ def smoke_setup() -> None:
     to check this script's plumbing without a GPU; the numbers mean nothing."""
     global DEVICE
     DEVICE = "cpu"
+    from rtllm.kernels.interpreter import patch_triton_interpreter
+
+    patch_triton_interpreter()
     for name in SHAPES:
         SHAPES[name] = (256, 96) if name != "down" else (512, 64)
 

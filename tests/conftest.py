@@ -1,7 +1,8 @@
 """Suite-wide set-up: on a machine without CUDA, Triton kernels run in its interpreter.
 
 ``TRITON_INTERPRET`` is read when ``@triton.jit`` decorates a kernel, so it is set
-here, before any test module (or library it imports) can import a kernel module.
+here, before any test module (or library it imports) can import a kernel module,
+and before rtllm itself is imported.
 """
 
 from __future__ import annotations
@@ -10,30 +11,8 @@ import os
 
 import torch
 
-
-def patch_triton_interpreter() -> None:
-    """Make Triton 3.6's interpreter work with numpy >= 2.4.
-
-    The interpreter holds scalars as 1-element numpy arrays and converts them with
-    ``int(array)``, which numpy 2.4 rejects, so ``range(lo, hi)`` over runtime bounds
-    fails (triton-lang/triton#9171, fixed upstream after 3.6). Convert with ``.item()``.
-    """
-    try:
-        from triton.runtime import interpreter
-    except ImportError:
-        return
-    original = interpreter._patch_lang_tensor
-    if getattr(original, "_rtllm_patched", False):
-        return
-
-    def patched(tensor: object, scope: object) -> None:
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    patched._rtllm_patched = True  # type: ignore[attr-defined]
-    interpreter._patch_lang_tensor = patched
-
-
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    from rtllm.kernels.interpreter import patch_triton_interpreter
+
     patch_triton_interpreter()
