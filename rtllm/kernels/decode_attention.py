@@ -38,6 +38,7 @@ from rtllm.kernels.kv_tile import (
     quant_scores,
     quant_weighted_values,
 )
+from rtllm.kernels.pdl import allow_dependents, use_pdl, wait_for_producers
 
 _LOG2E = 1.4426950408889634
 MAX_SPLITS = 128
@@ -81,7 +82,10 @@ def _decode_partial_kernel(
     DOT_PRECISION: tl.constexpr,
     QUANT: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    wait_for_producers(USE_PDL)
+    allow_dependents(USE_PDL)
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -175,7 +179,10 @@ def _decode_reduce_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_S: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    wait_for_producers(USE_PDL)
+    allow_dependents(USE_PDL)
     seq = tl.program_id(0)
     head = tl.program_id(1)
     row0 = (seq.to(tl.int64) * tl.num_programs(1) + head) * num_splits
@@ -303,6 +310,7 @@ def decode_attention(
             batch, num_heads, num_splits, dtype=torch.float32, device=query.device
         )
     quant = kv_scale is not None
+    pdl = use_pdl(query.device)
     scales = kv_scale if quant else kv_cache  # unquantized: never read
     _decode_partial_kernel[(batch, num_kv_heads, num_splits)](
         query,
@@ -339,8 +347,10 @@ def decode_attention(
         DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
         QUANT=quant,
         DOT_DTYPE=dot_dtype(query.dtype),
+        USE_PDL=pdl,
         num_warps=num_warps or 4,
         num_stages=num_stages or 2,
+        launch_pdl=pdl,
     )
     if not single:
         block_s = triton.next_power_of_2(num_splits)
@@ -354,7 +364,9 @@ def decode_attention(
             HEAD_DIM=head_dim,
             BLOCK_D=block_d,
             BLOCK_S=block_s,
+            USE_PDL=pdl,
             num_warps=4 if block_s * block_d <= 4096 else 8,
+            launch_pdl=pdl,
         )
     return out
 

@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 
 from rtllm.kernels.kv_quant import KV_QMAX, check_kv_scale, quantize_kv, raw_view
+from rtllm.kernels.pdl import allow_dependents, use_pdl, wait_for_producers
 
 
 @triton.jit
@@ -32,7 +33,10 @@ def _kv_cache_write_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     TOKENS_PER_BLOCK: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    wait_for_producers(USE_PDL)
+    allow_dependents(USE_PDL)
     # One program copies one (token, kv head) row of K and of V.
     token = tl.program_id(0)
     head = tl.program_id(1)
@@ -88,7 +92,10 @@ def _kv_cache_write_quant_kernel(
     TOKENS_PER_BLOCK: tl.constexpr,
     QMAX: tl.constexpr,
     IS_INT8: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    wait_for_producers(USE_PDL)
+    allow_dependents(USE_PDL)
     # One program quantizes one (token, kv head) row of K and of V; the scale tensor's
     # head stride is 1 (checked by the launcher).
     token = tl.program_id(0)
@@ -167,6 +174,7 @@ def write_kv_cache(
     if num_tokens == 0:
         return
     grid = (num_tokens, num_kv_heads)
+    pdl = use_pdl(key.device)
     if quantized:
         _kv_cache_write_quant_kernel[grid](
             key,
@@ -190,7 +198,9 @@ def write_kv_cache(
             TOKENS_PER_BLOCK=kv_cache.shape[2],
             QMAX=KV_QMAX[kv_cache.dtype],
             IS_INT8=kv_cache.dtype == torch.int8,
+            USE_PDL=pdl,
             num_warps=1 if head_dim <= 64 else 2,
+            launch_pdl=pdl,
         )
         return
     _kv_cache_write_kernel[grid](
@@ -209,7 +219,9 @@ def write_kv_cache(
         HEAD_DIM=head_dim,
         BLOCK_D=triton.next_power_of_2(head_dim),
         TOKENS_PER_BLOCK=kv_cache.shape[2],
+        USE_PDL=pdl,
         num_warps=1 if head_dim <= 64 else 2,
+        launch_pdl=pdl,
     )
 
 

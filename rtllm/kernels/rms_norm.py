@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from rtllm.kernels.pdl import allow_dependents, use_pdl, wait_for_producers
+
 _SUPPORTED = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_BLOCK_N = 65536  # one tile holds a whole row
 
@@ -46,7 +48,10 @@ def _rms_norm_kernel(
     HAS_RESIDUAL: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    wait_for_producers(USE_PDL)
+    allow_dependents(USE_PDL)
     # One program normalizes BLOCK_M rows; row r is (token r // HEADS, head r % HEADS).
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     token = rows // HEADS
@@ -150,6 +155,7 @@ def rms_norm(
         n = x.shape[-1]
         block_n = triton.next_power_of_2(n)
         block_m = max(1, min(16, 2048 // block_n))
+        pdl = use_pdl(x.device)
         res_args = (0, 0, 0, 0)
         if residual is not None:
             assert res_out is not None
@@ -174,7 +180,9 @@ def rms_norm(
             HAS_RESIDUAL=residual is not None,
             BLOCK_M=block_m,
             BLOCK_N=block_n,
+            USE_PDL=pdl,
             num_warps=max(1, min(16, block_m * block_n // 256)),
+            launch_pdl=pdl,
         )
     if residual is None:
         return out

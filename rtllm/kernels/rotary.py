@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from rtllm.kernels.pdl import allow_dependents, use_pdl, wait_for_producers
+
 _SUPPORTED = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -73,7 +75,10 @@ def _rotary_kernel(
     HALF: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    wait_for_producers(USE_PDL)
+    allow_dependents(USE_PDL)
     # Program (t, j): token t; head block j of q, or block j - (q's block count) of k.
     token = tl.program_id(0).to(tl.int64)
     block = tl.program_id(1)
@@ -181,6 +186,7 @@ def rotary_embedding(
     max_heads = max(num_q_heads, num_k_heads, 1)
     block_h = max(1, min(triton.next_power_of_2(max_heads), 512 // block_half))
     grid = (tokens, triton.cdiv(num_q_heads, block_h) + triton.cdiv(num_k_heads, block_h))
+    pdl = use_pdl(query.device)
     _rotary_kernel[grid](
         query,
         key,
@@ -204,7 +210,9 @@ def rotary_embedding(
         HALF=half,
         BLOCK_H=block_h,
         BLOCK_HALF=block_half,
+        USE_PDL=pdl,
         num_warps=max(1, min(4, block_h * block_half // 256)),
+        launch_pdl=pdl,
     )
     return q_out, k_out
 

@@ -12,6 +12,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from rtllm.kernels.pdl import allow_dependents, use_pdl, wait_for_producers
+
 _SUPPORTED = (torch.float16, torch.bfloat16, torch.float32)
 _BLOCK = 1024
 
@@ -24,7 +26,10 @@ def _silu_and_mul_kernel(
     stride_x,
     stride_o,
     BLOCK: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    wait_for_producers(USE_PDL)
+    allow_dependents(USE_PDL)
     # Program (row, j) handles columns [j * BLOCK, (j + 1) * BLOCK) of one row.
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -69,6 +74,7 @@ def silu_and_mul(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tens
     if rows == 0 or d == 0:
         return out
     block = min(_BLOCK, triton.next_power_of_2(d))
+    pdl = use_pdl(x.device)
     _silu_and_mul_kernel[(rows, triton.cdiv(d, block))](
         x2,
         out2,
@@ -76,7 +82,9 @@ def silu_and_mul(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tens
         x2.stride(0),
         out2.stride(0),
         BLOCK=block,
+        USE_PDL=pdl,
         num_warps=4 if block >= 1024 else max(1, block // 256),
+        launch_pdl=pdl,
     )
     return out
 
