@@ -63,7 +63,6 @@ from rtllm.kernels.quant_tuning import (
     tuned_configs,
     tuning_timings,
 )
-from rtllm.kernels.silu_and_mul import silu_and_mul
 
 __all__ = [
     "DEQUANT_MIN_M",
@@ -223,22 +222,19 @@ def _run(
     bias: torch.Tensor | None,
     out: torch.Tensor,
     cfg: QuantGemmConfig,
-    gated: bool = False,
 ) -> None:
-    """Compute into ``out`` ``[M, N]`` with a complete configuration (``gated``: ``x2``
-    holds gate/up halves, see :func:`quant_linear`)."""
+    """Compute into ``out`` ``[M, N]`` with a complete configuration."""
+    m, k = x2.shape
+    n = packed.out_features
     if cfg.kernel == "gemv":
         gemv = GemvConfig(
             cfg.block_n or 8, cfg.chunk or 32, cfg.split_k or 1, cfg.num_warps or 1, cfg.num_stages or 1
         )
-        for r in range(0, x2.shape[0], GEMV_MAX_BLOCK_M):  # row tiles (M > 8 only when forced)
-            rows = slice(r, r + GEMV_MAX_BLOCK_M)
-            quant_gemv(x2[rows], packed, bias, out[rows], gemv, gated)
+        for r in range(0, m, GEMV_MAX_BLOCK_M):  # row tiles (M > 8 only when forced)
+            quant_gemv(
+                x2[r : r + GEMV_MAX_BLOCK_M], packed, bias, out[r : r + GEMV_MAX_BLOCK_M], gemv
+            )
         return
-    if gated:
-        x2 = silu_and_mul(x2)
-    m, k = x2.shape
-    n = packed.out_features
     if cfg.kernel == "dequant":
         w = dequantize_weight(packed, x2.dtype)
         out.copy_(F.linear(x2, w, bias))
@@ -314,7 +310,6 @@ def quant_linear(
     packed: PackedQuantWeight,
     bias: torch.Tensor | None = None,
     config: QuantGemmConfig | None = None,
-    gated: bool = False,
 ) -> torch.Tensor:
     """``x @ dequant(packed)^T + bias`` with in-kernel dequantization (int4 or int8).
 
@@ -325,23 +320,13 @@ def quant_linear(
         bias: optional ``[N]``, added in float32.
         config: a forced configuration (tests, the benchmark); ``kernel=None`` tunes
             (module docstring).
-        gated: ``x`` is a gated MLP's ``[..., 2K]`` gate/up output and the input is
-            ``silu(gate) * up`` (:func:`rtllm.kernels.silu_and_mul.silu_and_mul`'s
-            bits): the GEMV computes it as it loads ``x`` (one kernel fewer per decode
-            step), the other paths run ``silu_and_mul`` first.
 
     Returns:
         ``[..., N]`` in ``x``'s dtype.
     """
+    _check(x, packed, bias)
     n, k = packed.out_features, packed.in_features
-    if gated:
-        if x.shape[-1] != 2 * k:
-            raise ValueError(f"gated input must be [..., {2 * k}] (gate, up), got {tuple(x.shape)}")
-        x2 = x.reshape(-1, 2 * k)
-        _check(x2[:, :k], packed, bias)
-    else:
-        _check(x, packed, bias)
-        x2 = x.reshape(-1, k)
+    x2 = x.reshape(-1, k)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     m = x2.shape[0]
@@ -349,13 +334,12 @@ def quant_linear(
     if m == 0 or n == 0:
         return out.reshape(*x.shape[:-1], n)
     if config is None or config.kernel is None:
-        # Tuned on the ungated input (the GEMV's time is its weight stream's).
-        picked = pick(x2[:, :k], packed, bias, _run)
+        picked = pick(x2, packed, bias, _run)
         if config is not None:  # the given fields override the picked configuration
             given = {f: getattr(config, f) for f in config.__dataclass_fields__}
             picked = replace(picked, **{f: v for f, v in given.items() if v is not None})
         config = picked
-    _run(x2, packed, bias, out, config, gated)
+    _run(x2, packed, bias, out, config)
     return out.reshape(*x.shape[:-1], n)
 
 

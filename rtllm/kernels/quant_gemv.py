@@ -25,11 +25,6 @@ meet ``x == 0``). Compiled for sm_90 (ptxas), the loop of the int4 g128 kernel w
 ``BLOCK_N = 8`` issues ~3.6 instructions per code (int4 per channel: ~3.0, int8 per
 channel: ~3.4), against ~8.7 / 4.8 / 5.4 for the kernel it replaced.
 
-Gated input (``GATED``, a gated MLP's down projection): ``x`` is the ``[M, 2K]``
-gate/up output and each loaded ``x`` value is ``silu(gate) * up``, computed in float32
-and rounded to the input dtype as :mod:`rtllm.kernels.silu_and_mul` does, so the fused
-GEMV gives the unfused pair's bits without the activation's kernel and round trip.
-
 Under PDL (:mod:`rtllm.kernels.pdl`) the first weight loads are issued before waiting
 for the previous kernel: weights are constant, so they overlap its tail.
 
@@ -100,7 +95,6 @@ def _gemv_kernel(
     blocks_per_split,
     stride_xm,
     stride_om,
-    up_offset,
     mag_1024,
     mag_64,
     BITS: tl.constexpr,
@@ -112,7 +106,6 @@ def _gemv_kernel(
     HAS_BIAS: tl.constexpr,
     SPLIT: tl.constexpr,
     PREFETCH: tl.constexpr,
-    GATED: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
     allow_dependents(USE_PDL)
@@ -171,14 +164,7 @@ def _gemv_kernel(
         # part: sum (off + q) x per word; sx_lo / sx_hi: sum of x over the fields at
         # offset 1024 / 64 (int8: all at 1024). Fields are unrolled.
         for j in tl.static_range(FIELDS):
-            xj = tl.load(x_ptrs + start * CH + 4 * j, mask=in_k, other=0.0)
-            if GATED:
-                # x = silu(gate) * up, rounded once to the input dtype as
-                # rtllm.kernels.silu_and_mul does (same bits as the unfused pair).
-                gate = xj.to(tl.float32)
-                up = tl.load(x_ptrs + up_offset + start * CH + 4 * j, mask=in_k, other=0.0)
-                xj = (gate / (1.0 + tl.exp(-gate)) * up.to(tl.float32)).to(x_ptr.dtype.element_ty)
-            xj = xj.to(tl.float32)
+            xj = tl.load(x_ptrs + start * CH + 4 * j, mask=in_k, other=0.0).to(tl.float32)
             fj = dequant_field(w, mag_1024, mag_64, j, BITS)
             if PER_CHANNEL:
                 acc4 += fj * xj
@@ -278,17 +264,13 @@ def quant_gemv(
     bias: torch.Tensor | None,
     out: torch.Tensor,
     cfg: GemvConfig,
-    gated: bool = False,
 ) -> None:
     """Write ``x2 @ dequant(packed)^T + bias`` into ``out`` ``[M, N]`` (checked inputs:
     :func:`rtllm.kernels.quant_gemm.quant_linear` is the public entry point).
 
-    ``x2`` is ``[M, K]`` with a contiguous last dim, ``M <= GEMV_MAX_BLOCK_M``; with
-    ``gated``, ``[M, 2K]`` gate/up halves and the input is ``silu(gate) * up``.
+    ``x2`` is ``[M, K]`` with a contiguous last dim, ``M <= GEMV_MAX_BLOCK_M``.
     """
     m, k = x2.shape
-    if gated:
-        k //= 2
     n = packed.out_features
     if not gemv_supported(m):
         raise ValueError(f"the GEMV takes 1..{GEMV_MAX_BLOCK_M} rows, got {m}")
@@ -329,7 +311,6 @@ def quant_gemv(
         blocks_per_split,
         x2.stride(0),
         out.stride(0),
-        k if gated else 0,
         MAGIC_1024,
         MAGIC_64,
         BITS=packed.bits,
@@ -341,7 +322,6 @@ def quant_gemv(
         HAS_BIAS=bias is not None,
         SPLIT=split > 1,
         PREFETCH=cfg.prefetch,
-        GATED=gated,
         USE_PDL=pdl,
         num_warps=cfg.num_warps,
         num_stages=1,

@@ -35,7 +35,6 @@ from rtllm.kernels.quant_gemm import (  # noqa: E402
     w4a16_linear,
     w8a16_linear,
 )
-from rtllm.kernels.silu_and_mul import silu_and_mul, silu_and_mul_ref  # noqa: E402
 from rtllm.quantization.rtn import (  # noqa: E402
     dequantize,
     quantize_groupwise_asymmetric,
@@ -198,30 +197,6 @@ def test_gemv_split_k_single_launch(
     assert int(_counters[torch.device(device)].abs().sum()) == 0
 
 
-@pytest.mark.parametrize(("bits", "group_size", "split_k"), [(4, 64, 1), (4, 128, 3), (8, -1, 2)])
-@pytest.mark.parametrize("kernel", ["gemv", "gemm"])
-def test_gated_input_same_bits_as_silu_then_linear(
-    device: torch.device, bits: int, group_size: int, split_k: int, kernel: str
-) -> None:
-    """``gated=True`` (the down projection fed the gate/up output) gives the very bits
-    of ``silu_and_mul`` followed by the plain linear: the GEMV applies the activation
-    as it loads x, the GEMM runs silu_and_mul first."""
-    n, k = 24, 512
-    p = random_packed(n, k, bits, group_size, device, seed=5 + split_k)
-    gen = torch.Generator().manual_seed(4)
-    bias = torch.randn(n, generator=gen).to(device, torch.float16)
-    cfg = QuantGemmConfig(kernel=kernel, block_n=4 if kernel == "gemv" else 16, chunk=4,
-                          split_k=split_k, num_warps=1)
-    for m in (1, 3):
-        gate_up = (3 * torch.randn(m, 2 * k, generator=gen)).to(device, torch.float16)
-        fused = quant_linear(gate_up, p, bias, cfg, gated=True)
-        unfused = quant_linear(silu_and_mul(gate_up), p, bias, cfg)
-        assert torch.equal(fused, unfused)
-        assert_matches(fused, quant_linear_ref(silu_and_mul_ref(gate_up), p, bias))
-    with pytest.raises(ValueError, match="gated input must be"):
-        quant_linear(gate_up[:, :k], p, bias, cfg, gated=True)
-
-
 def test_gemv_row_tiles_beyond_block_m(device: torch.device) -> None:
     """A forced GEMV with M > 8 runs row tiles of 8."""
     n, k = 16, 128
@@ -377,14 +352,3 @@ def test_gpu_cuda_graph_replay(split_k: int, prefetch: int) -> None:
         x.copy_(torch.randn_like(x))
         graph.replay()
         assert_matches(out, quant_linear_ref(x, p))
-
-
-@pytest.mark.gpu
-@requires_cuda
-@pytest.mark.parametrize(("bits", "group_size"), [(4, 128), (8, -1)])
-def test_gpu_gated_down_projection_llama_shape(bits: int, group_size: int) -> None:
-    """Llama-3-8B's down projection at batch 1, tuned: fused activation, same bits."""
-    p = random_packed(4096, 14336, bits, group_size, "cuda", seed=bits)
-    gate_up = 3 * torch.randn(1, 2 * 14336, device="cuda", dtype=torch.bfloat16)
-    fused = quant_linear(gate_up, p, None, gated=True)
-    assert torch.equal(fused, quant_linear(silu_and_mul(gate_up), p, None))
