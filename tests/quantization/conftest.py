@@ -3,6 +3,7 @@ tokenizer, shared by the quantization model tests."""
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -12,20 +13,10 @@ import torch
 VOCAB = 256
 
 
-def _byte_tokenizer() -> Any:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=None, eos_token=None)
-
-
-def make_tiny_llama(path: Path, seed: int = 0, outliers: bool = True, **overrides: Any) -> Any:
-    """Save a seeded random Llama (GQA 4/2 heads, hidden 128) plus tokenizer at ``path``.
+def make_tiny_llama(
+    path: Path, tokenizer: Any, seed: int = 0, outliers: bool = True, **overrides: Any
+) -> Any:
+    """Save a seeded random Llama (GQA 4/2 heads, hidden 128) plus ``tokenizer`` at ``path``.
 
     ``outliers`` scales a few RMSNorm channels by 20, giving the linear inputs the
     per-channel activation outliers of real LLMs that AWQ and SmoothQuant address.
@@ -49,19 +40,20 @@ def make_tiny_llama(path: Path, seed: int = 0, outliers: bool = True, **override
                     p.mul_(1 + 0.2 * torch.randn(p.shape, generator=gen))
                     p[torch.randperm(p.numel(), generator=gen)[:4]] *= 20.0
     model.save_pretrained(path)
-    _byte_tokenizer().save_pretrained(path)
+    tokenizer.save_pretrained(path)
     return model
 
 
 @pytest.fixture(scope="session")
-def tiny_llama_factory() -> Any:
-    """:func:`make_tiny_llama` for tests that need their own checkpoint."""
-    return make_tiny_llama
+def tiny_llama_factory(byte_tokenizer: Any) -> Any:
+    """:func:`make_tiny_llama` (with the byte-level tokenizer) for tests that need their
+    own checkpoint."""
+    return functools.partial(make_tiny_llama, tokenizer=byte_tokenizer)
 
 
 @pytest.fixture(scope="session")
-def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Any]:
+def tiny_llama(tmp_path_factory: pytest.TempPathFactory, byte_tokenizer: Any) -> tuple[str, Any]:
     """(directory, transformers model) of the shared tiny float checkpoint."""
     path = tmp_path_factory.mktemp("tiny_llama")
-    model = make_tiny_llama(path)
+    model = make_tiny_llama(path, byte_tokenizer)
     return str(path), model

@@ -17,7 +17,7 @@ PROMPTS = [list(range(5, 40)), [7, 8, 9]]
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
+def model_dir(tmp_path_factory, byte_tokenizer):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -27,6 +27,7 @@ def model_dir(tmp_path_factory):
     config.architectures = ["LlamaForCausalLM"]
     path = tmp_path_factory.mktemp("gpu_quant_llama")
     LlamaForCausalLM(config).save_pretrained(path)
+    byte_tokenizer.save_pretrained(path)  # W4A16_GPTQ calibrates on text
     return str(path)
 
 
