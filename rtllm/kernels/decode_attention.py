@@ -3,16 +3,17 @@
 Each sequence has one new query token at position ``seq_len - 1`` (its K/V already in
 the cache), so it attends to every cached key (or the last ``sliding_window``).
 
-Stage 1, grid ``(batch, num_kv_heads, num_splits)``: a program takes the ``group``
+Grid ``(batch, num_kv_heads, num_splits)``: a program takes the ``group``
 query heads that share one KV head (so each K/V tile is loaded once for all of them)
 and one contiguous slice of the key range, and writes that slice's normalised output
-and log-sum-exp. Stage 2, grid ``(batch, num_heads)``, merges the slices. With one
-split, stage 1 writes the final output and stage 2 is skipped.
+and log-sum-exp; the last program of a ``(sequence, KV head)`` to finish merges the
+slices in the same launch (:mod:`rtllm.kernels.split_counters`; at batch 1 the merge
+was a second kernel per layer). With one split the program writes the output itself.
 
 Padded rows (CUDA-graph batches) carry ``seq_len == 0`` and get zeros.
 
 A quantized cache (int8 / float8_e4m3fn codes plus float32 ``kv_scale``, see
-:mod:`rtllm.kernels.kv_quant`) is read in stage 1 by the tile helpers of
+:mod:`rtllm.kernels.kv_quant`) is read by the tile helpers of
 :mod:`rtllm.kernels.kv_tile` (shared with :mod:`rtllm.kernels.context_attention`):
 codes enter ``tl.dot`` as they are, scales multiply scores and fold into the
 probabilities. The ``QUANT`` constexpr leaves the unquantized kernel unchanged.
@@ -39,6 +40,7 @@ from rtllm.kernels.kv_tile import (
     quant_weighted_values,
 )
 from rtllm.kernels.pdl import allow_dependents, use_pdl, wait_for_producers
+from rtllm.kernels.split_counters import MAX_SPLIT_TILES, split_counters
 
 _LOG2E = 1.4426950408889634
 MAX_SPLITS = 128
@@ -58,6 +60,7 @@ def _decode_partial_kernel(
     out_ptr,
     part_o_ptr,
     part_lse_ptr,
+    cnt_ptr,
     scale_log2e,
     sliding_window,
     num_splits,
@@ -162,52 +165,41 @@ def _decode_partial_kernel(
         )
     else:
         # Partials are [batch, num_heads, num_splits, (BLOCK_D)] float32, contiguous.
-        row = (seq64 * (GROUP * tl.num_programs(1)) + heads) * num_splits + split
-        tl.store(part_o_ptr + row[:, None] * BLOCK_D + offs_d[None, :], o, mask=gd_mask)
+        row0 = (seq64 * (GROUP * tl.num_programs(1)) + heads) * num_splits
+        tl.store(part_o_ptr + (row0 + split)[:, None] * BLOCK_D + offs_d[None, :], o, mask=gd_mask)
         lse = tl.where(l_i > 0.0, m_i + tl.math.log2(l_safe), float("-inf"))  # log2 domain
-        tl.store(part_lse_ptr + row, lse, mask=g_mask)
-
-
-@triton.jit(do_not_specialize=["num_splits"])
-def _decode_reduce_kernel(
-    part_o_ptr,
-    part_lse_ptr,
-    out_ptr,
-    num_splits,
-    stride_ot,
-    stride_oh,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_S: tl.constexpr,
-    USE_PDL: tl.constexpr,
-):
-    wait_for_producers(USE_PDL)
-    allow_dependents(USE_PDL)
-    seq = tl.program_id(0)
-    head = tl.program_id(1)
-    row0 = (seq.to(tl.int64) * tl.num_programs(1) + head) * num_splits
-    offs_s = tl.arange(0, BLOCK_S)
-    s_mask = offs_s < num_splits
-    lse = tl.load(part_lse_ptr + row0 + offs_s, mask=s_mask, other=float("-inf"))
-    lse_max = tl.max(lse, 0)
-    # All splits empty (padded row, seq_len == 0): weights 0, output 0, no NaN.
-    lse_max = tl.where(lse_max == float("-inf"), 0.0, lse_max)
-    weights = tl.math.exp2(lse - lse_max)
-    denom = tl.sum(weights, 0)
-    denom = tl.where(denom == 0.0, 1.0, denom)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_mask = offs_d < HEAD_DIM
-    o = tl.load(
-        part_o_ptr + (row0 + offs_s)[:, None] * BLOCK_D + offs_d[None, :],
-        mask=s_mask[:, None] & d_mask[None, :],
-        other=0.0,
-    )
-    out = tl.sum(o * weights[:, None], 0) / denom
-    tl.store(
-        out_ptr + seq.to(tl.int64) * stride_ot + head * stride_oh + offs_d,
-        out.to(out_ptr.dtype.element_ty),
-        mask=d_mask,
-    )
+        tl.store(part_lse_ptr + row0 + split, lse, mask=g_mask)
+        tl.debug_barrier()  # every thread's partials are stored before the count
+        # acq_rel at GPU scope: our partials are visible before the count, and the last
+        # arriver sees everyone's partials after it.
+        tile = seq * tl.num_programs(1) + kv_head
+        arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
+        if arrived == num_splits - 1:
+            # Only the first ceil(span / per_split) slices hold keys (lse finite); a
+            # padded row (span 0) has none and gets zeros. Online merge, fixed order.
+            used = tl.cdiv(span, tl.maximum(per_split, 1))
+            m_all = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
+            w_sum = tl.zeros([BLOCK_G], dtype=tl.float32)
+            merged = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
+            for s_idx in range(0, used):
+                lse_s = tl.load(part_lse_ptr + row0 + s_idx, mask=g_mask, other=0.0, cache_modifier=".cg")
+                o_s = tl.load(
+                    part_o_ptr + (row0 + s_idx)[:, None] * BLOCK_D + offs_d[None, :],
+                    mask=gd_mask, other=0.0, cache_modifier=".cg",
+                )  # fmt: skip
+                m_new = tl.maximum(m_all, lse_s)
+                alpha = tl.math.exp2(m_all - m_new)
+                w = tl.math.exp2(lse_s - m_new)
+                w_sum = w_sum * alpha + w
+                merged = merged * alpha[:, None] + o_s * w[:, None]
+                m_all = m_new
+            merged = merged / tl.where(w_sum == 0.0, 1.0, w_sum)[:, None]
+            tl.store(
+                out_ptr + seq64 * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
+                merged.to(out_ptr.dtype.element_ty),
+                mask=gd_mask,
+            )
+            tl.atomic_xchg(cnt_ptr + tile, 0, sem="relaxed", scope="gpu")
 
 
 @functools.cache
@@ -301,8 +293,14 @@ def decode_attention(
     window = sliding_window or 0
     single = num_splits == 1
     if single:
-        part_o = part_lse = out  # unused by the kernel in this mode
+        part_o = part_lse = cnt = out  # unused by the kernel in this mode
     else:
+        if batch * num_kv_heads > MAX_SPLIT_TILES:
+            raise ValueError(
+                f"num_splits > 1 takes at most {MAX_SPLIT_TILES} (sequence, KV head) pairs, "
+                f"got {batch * num_kv_heads}"
+            )
+        cnt = split_counters(query.device)
         part_o = torch.empty(
             batch, num_heads, num_splits, block_d, dtype=torch.float32, device=query.device
         )
@@ -323,6 +321,7 @@ def decode_attention(
         out,
         part_o,
         part_lse,
+        cnt,
         scale * _LOG2E,
         window,
         num_splits,
@@ -352,22 +351,6 @@ def decode_attention(
         num_stages=num_stages or 2,
         launch_pdl=pdl,
     )
-    if not single:
-        block_s = triton.next_power_of_2(num_splits)
-        _decode_reduce_kernel[(batch, num_heads)](
-            part_o,
-            part_lse,
-            out,
-            num_splits,
-            out.stride(0),
-            out.stride(1),
-            HEAD_DIM=head_dim,
-            BLOCK_D=block_d,
-            BLOCK_S=block_s,
-            USE_PDL=pdl,
-            num_warps=4 if block_s * block_d <= 4096 else 8,
-            launch_pdl=pdl,
-        )
     return out
 
 

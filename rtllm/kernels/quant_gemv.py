@@ -29,11 +29,8 @@ Under PDL (:mod:`rtllm.kernels.pdl`) the first weight loads are issued before wa
 for the previous kernel: weights are constant, so they overlap its tail.
 
 Split-K (grid axis 2, for shapes with too few channel tiles to fill the GPU): each
-slice writes float32 partials, then bumps a per-tile counter; the last slice to
-arrive sums the partials in a fixed order (deterministic), adds the bias, writes the
-output and resets the counter, so one launch suffices and the counters stay zero
-between calls. Invariant: calls sharing a device's counter buffer are serialized on
-one stream (true for the engine's forward, eager or in a CUDA graph).
+slice writes float32 partials; the last slice of a tile to arrive sums them, adds the
+bias and writes the output, in the same launch (:mod:`rtllm.kernels.split_counters`).
 """
 
 from __future__ import annotations
@@ -52,12 +49,10 @@ from rtllm.kernels.quant_layout import (
     PackedQuantWeight,
     dequant_field,
 )
+from rtllm.kernels.split_counters import MAX_SPLIT_TILES, split_counters
 
 #: Largest ``BLOCK_M`` (rows of ``x`` per program); larger M loops over row tiles.
 GEMV_MAX_BLOCK_M = 8
-#: Split-K counters per device (one per channel tile and row tile of a launch).
-_COUNTERS = 1 << 16
-_counters: dict[torch.device, torch.Tensor] = {}
 
 
 @dataclass(frozen=True)
@@ -244,15 +239,6 @@ def _gemv_kernel(
         )
 
 
-def _counter_buffer(device: torch.device) -> torch.Tensor:
-    """The device's zeroed split-K counters (allocated once; kernels reset them)."""
-    buf = _counters.get(device)
-    if buf is None:
-        buf = torch.zeros(_COUNTERS, dtype=torch.int32, device=device)
-        _counters[device] = buf
-    return buf
-
-
 def gemv_supported(m: int) -> bool:
     """Whether :func:`quant_gemv` takes ``m`` rows (larger M: the tiled GEMM)."""
     return 1 <= m <= GEMV_MAX_BLOCK_M
@@ -290,10 +276,10 @@ def quant_gemv(
     pdl = use_pdl(x2.device)
     tiles_n = triton.cdiv(n, cfg.block_n)
     if split > 1:
-        if tiles_n > _COUNTERS:
-            raise ValueError(f"split-K GEMV needs <= {_COUNTERS} channel tiles, got {tiles_n}")
+        if tiles_n > MAX_SPLIT_TILES:
+            raise ValueError(f"split-K GEMV needs <= {MAX_SPLIT_TILES} channel tiles, got {tiles_n}")
         ws = torch.empty(split, m, n, dtype=torch.float32, device=x2.device)
-        cnt = _counter_buffer(x2.device)
+        cnt = split_counters(x2.device)
     else:
         ws = cnt = out  # unused
     _gemv_kernel[(tiles_n, 1, split)](

@@ -15,6 +15,7 @@ from rtllm.kernels.decode_attention import (  # noqa: E402
     decode_attention,
     decode_attention_ref,
 )
+from rtllm.kernels.split_counters import split_counters  # noqa: E402
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -71,7 +72,8 @@ def test_matches_reference(
 def test_more_splits_than_tiles_and_padded_rows(
     paged_batch: Callable, device: torch.device
 ) -> None:
-    """Empty slices weigh nothing; seq_len 0 (a padded CUDA-graph row) gives zeros."""
+    """Empty slices weigh nothing; seq_len 0 (a padded CUDA-graph row) gives zeros; the
+    last slice to arrive merges in the same launch and resets its counter."""
     b = _batch(paged_batch, [5, 40, 2], 8, 2, 32, 16, torch.float32, device)
     seq_lens = b.seq_lens.clone()
     seq_lens[1] = 0
@@ -83,6 +85,7 @@ def test_more_splits_than_tiles_and_padded_rows(
         assert not out.isnan().any()
         assert not out[1].any()
         torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+    assert int(split_counters(device).abs().sum()) == 0
 
 
 def test_strided_query_and_default_split_choice(
