@@ -6,13 +6,20 @@ dequantized. Prints a Markdown table for benchmarks/RESULTS.md.
 
     python benchmarks/quant_perplexity.py [--tokens 20480] [--window 1024] [--skip SQ,FP8]
         [--only AWQ] [--device cuda --dtype bfloat16] [--gptq-act-order 0|1] [--gptq-grid 0|1]
+        [--fp8-weight-rounding gptq|nearest|both]
 
 FP8 rows need a GPU with FP8 (``--device cuda``); on a CPU they run the float32
 reference of the same arithmetic.
 
 W4A16_AWQ is AWQ's scale search + GPTQ rounding and W4A16_GPTQ GPTQ rounding, both
 calibrated layer by layer on ``--calib-size`` x ``--calib-max-seq-length`` tokens of
-the packaged calibration text (rtllm.quantization.smoothing.calibrate_sequentially).
+the packaged calibration text (rtllm.quantization.smoothing.calibrate_sequentially),
+as are the FP8 rows with ``fp8_weight_rounding="gptq"`` (``--fp8-weight-rounding``:
+the FP8 rows' weight rounding, default QuantConfig's; ``both`` prints each FP8 row
+with GPTQ and with round-to-nearest weights). The FP8-vs-rounding comparison:
+
+    python benchmarks/quant_perplexity.py --only FP8 --fp8-weight-rounding both \
+        --tokens 20480 --calib-size 64 --calib-max-seq-length 512
 
 KV-cache rows run the engine (``LLM``, paged cache, ``prompt_logprobs``) on the same
 windows; their "vs float" is against the dense float row (the float-cache engine row
@@ -75,6 +82,10 @@ def rtn_model(path: str, config: object, quant_config: QuantConfig, dtype: torch
     return model
 
 
+def _fields(config: QuantConfig) -> dict[str, object]:
+    return {f: getattr(config, f) for f in config.__dataclass_fields__}
+
+
 def engine_perplexity(ids: list[int], window: int, kv_algo: str | None, dtype: str,
                       device: str) -> float:
     """Perplexity through ``LLM`` with a (quantized) KV cache, windows as in
@@ -105,6 +116,8 @@ def main() -> None:
                         help="GPTQ columns by decreasing Hessian diagonal (default: gptq.ACT_ORDER)")
     parser.add_argument("--gptq-grid", type=int, choices=(0, 1), default=None,
                         help="GPTQ grid shrink search over gptq.SHRINK_GRID (default: gptq.GRID_SHRINKS)")
+    parser.add_argument("--fp8-weight-rounding", choices=("gptq", "nearest", "both"), default=None,
+                        help="FP8 rows' weight rounding (default: QuantConfig's); both: two rows each")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (FP8 rows need a GPU with FP8)")
     parser.add_argument("--dtype", default="float32", help="activation dtype: float32, bfloat16")
     args = parser.parse_args()
@@ -118,6 +131,17 @@ def main() -> None:
     with open(HELD_OUT, encoding="utf-8") as f:
         ids = load_tokenizer(path)(f.read(), add_special_tokens=False)["input_ids"]
     ids = torch.tensor(ids[: args.tokens])
+    roundings = {None: [None], "both": ["gptq", "nearest"]}.get(args.fp8_weight_rounding,
+                                                                 [args.fp8_weight_rounding])
+    rows: list[tuple[str, QuantConfig | None]] = []
+    for name, quant_config in FORMATS:
+        if quant_config is None or not quant_config.quant_algo.startswith("FP8"):
+            rows.append((name, quant_config))
+            continue
+        for rounding in roundings:
+            rounding = rounding or quant_config.fp8_weight_rounding
+            rows.append((f"{name}, {rounding} weights",
+                         QuantConfig(**{**_fields(quant_config), "fp8_weight_rounding": rounding})))
     print(f"SmolLM2-135M-Instruct, {ids.numel()} tokens of held_out_english.txt, "
           f"windows of {args.window}, {args.dtype} on {args.device}; calibration "
           f"{args.calib_size} x {args.calib_max_seq_length}, GPTQ act order {gptq.ACT_ORDER}, "
@@ -130,12 +154,12 @@ def main() -> None:
 
     def wanted(name: str) -> bool:
         return not any(p in name for p in skip) and (not only or any(p in name for p in only))
-    for name, quant_config in FORMATS:
+    for name, quant_config in rows:
         if quant_config is not None and not wanted(name):  # float: always (the baseline)
             continue
         if quant_config is not None and quant_config is not RTN_G64 and not quant_config.keep_gguf_quantized:
             quant_config = QuantConfig(**{
-                **{f: getattr(quant_config, f) for f in quant_config.__dataclass_fields__},
+                **_fields(quant_config),
                 "calib_size": args.calib_size, "calib_max_seq_length": args.calib_max_seq_length,
             })
         start = time.perf_counter()

@@ -79,7 +79,8 @@ def check_parallel_support(args: Any, device: torch.device) -> None:
         raise NotImplementedError(
             f"quant_algo={quant.quant_algo.name} calibrates on activations, which is not supported under "
             "tensor/pipeline parallelism yet; quantize with `rtllm quantize` and load the result (each rank "
-            "reads its slice), or use W8A16, W4A16 or FP8 with dynamic activation scales"
+            "reads its slice), or use W8A16, W4A16 or FP8 with dynamic activation scales and "
+            "fp8_weight_rounding='nearest'"
         )
 
 

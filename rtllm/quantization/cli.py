@@ -23,13 +23,17 @@ def add_quantize_parser(sub: Any) -> None:
                    help="source model (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--qformat", required=True, choices=list(QFORMATS),
                    help="w4a16_awq: AWQ GEMM int4 (calibrated); w4a16: int4 per channel (GPTQ "
-                   "layout); w8a16: int8 per channel (GPTQ layout); fp8: HF FP8 per tensor; "
+                   "layout); w8a16: int8 per channel (GPTQ layout); fp8: HF FP8 per tensor (GPTQ-rounded, "
+                   "calibrated, by default); "
                    "w8a8_sq: SmoothQuant (rtllm format, calibrated)")
     p.add_argument("--kv-cache-dtype", default=None, choices=list(KV_CACHE_DTYPES),
                    help="record a KV-cache type in quantization_config")
     p.add_argument("--group-size", type=int, default=None,
                    help="w4a16_awq group size, 64 or 128 (default: 128, or 64 when 128 does not "
                    "divide every layer)")
+    p.add_argument("--fp8-weight-rounding", default=None, choices=["gptq", "nearest"],
+                   help="fp8: round the weights with GPTQ on calibration data (default "
+                   f"{defaults.fp8_weight_rounding!r}) or to nearest (no calibration)")
     p.add_argument("--calib-size", type=int, default=None,
                    help=f"calibration samples (default {defaults.calib_size}, "
                    "capped by the text's length)")
@@ -49,6 +53,7 @@ def _quantize(args: argparse.Namespace) -> int:
         args.qformat,
         args.kv_cache_dtype,
         args.group_size,
+        args.fp8_weight_rounding,
         calib_size=args.calib_size,
         calib_max_seq_length=args.calib_max_seq_length,
         calib_dataset=args.calib_dataset,

@@ -47,6 +47,8 @@ _ZERO_POINT_ALGOS = frozenset(GROUP_SIZES)
 _PRE_QUANT_SCALE_ALGOS = frozenset({QuantAlgo.W4A16_AWQ, QuantAlgo.W8A8_SQ_PER_CHANNEL})
 _FP8_ALGOS = frozenset({QuantAlgo.FP8, QuantAlgo.FP8_PER_CHANNEL_PER_TOKEN})
 ACTIVATION_SCHEMES = ("dynamic", "static")
+#: Values of ``QuantConfig.fp8_weight_rounding``.
+FP8_WEIGHT_ROUNDINGS = ("gptq", "nearest")
 
 
 def _allowed(values: Iterable[object]) -> str:
@@ -104,6 +106,17 @@ class QuantConfig:
     #: the file are quantized with ``quant_algo`` (W4A16_GPTQ or W8A16_GPTQ, group 32).
     #: Made by :meth:`from_gguf`.
     keep_gguf_quantized: bool = False
+    #: How FP8 weights (``FP8``, ``FP8_PER_CHANNEL_PER_TOKEN``) of a float checkpoint
+    #: are rounded to their E4M3 grid, whose scales are round-to-nearest's either way
+    #: (``amax / 448`` per tensor / per output channel): ``"gptq"`` (default) calibrates
+    #: decoder layer by decoder layer on ``calib_size`` x ``calib_max_seq_length``
+    #: tokens and rounds each linear with GPTQ's error feedback on its inputs' Hessian
+    #: (:mod:`rtllm.quantization.gptq_fp8`; SmolLM2-135M: see README.md);
+    #: ``"nearest"``: plain round-to-nearest, no calibration (unless
+    #: ``activation_scheme="static"`` needs it). A non-default value needs an FP8
+    #: ``quant_algo``. A calibration-time option: checkpoints do not record it (their
+    #: weights are FP8 already).
+    fp8_weight_rounding: str = "gptq"
 
     def __post_init__(self) -> None:
         # Normalising field values of a frozen dataclass needs object.__setattr__.
@@ -139,6 +152,16 @@ class QuantConfig:
         if self.activation_scheme == "static" and algo != QuantAlgo.FP8:
             raise ValueError(
                 f"activation_scheme='static' needs quant_algo FP8 (per-tensor), got {algo}"
+            )
+        if self.fp8_weight_rounding not in FP8_WEIGHT_ROUNDINGS:
+            raise ValueError(
+                f"fp8_weight_rounding must be one of {FP8_WEIGHT_ROUNDINGS}, "
+                f"got {self.fp8_weight_rounding!r}"
+            )
+        if self.fp8_weight_rounding != FP8_WEIGHT_ROUNDINGS[0] and algo not in _FP8_ALGOS:
+            raise ValueError(
+                f"fp8_weight_rounding={self.fp8_weight_rounding!r} needs quant_algo in "
+                f"{{{_allowed(_FP8_ALGOS)}}}, got {algo}"
             )
         if self.exclude_modules is not None:
             if isinstance(self.exclude_modules, str) or not all(
@@ -181,6 +204,12 @@ class QuantConfig:
     def quant_mode(self) -> QuantMode:
         """The flags of this config (:meth:`QuantMode.from_quant_config`)."""
         return QuantMode.from_quant_config(self)
+
+    @property
+    def gptq_fp8_rounding(self) -> bool:
+        """FP8 weights rounded with GPTQ (``fp8_weight_rounding="gptq"``): calibration
+        layer by layer."""
+        return self.quant_algo in _FP8_ALGOS and self.fp8_weight_rounding == "gptq"
 
     @property
     def weight_group_size(self) -> int:
@@ -302,6 +331,9 @@ class QuantConfig:
         ``kv_cache_quant_algo`` added when set (other tools ignore the extra key);
         otherwise rtllm's own form ``{"quant_method": "rtllm", <QuantConfig fields>}``
         (e.g. ``W8A8_SQ_PER_CHANNEL``). :meth:`from_hf_quantization_config` reads both.
+        How the weights were calibrated and rounded (``calib_*``,
+        ``fp8_weight_rounding``) is not written: they are quantized already, and a
+        loader reading the config back gets the defaults and never calibrates them.
         """
         if self.keep_gguf_quantized:
             raise ValueError("keep_gguf_quantized configs describe a GGUF file, not a checkpoint")
@@ -311,9 +343,9 @@ class QuantConfig:
         except ValueError:
             out = {"quant_method": "rtllm"}
             for name, value in self._fields().items():
-                if name in ("keep_gguf_quantized", "kv_cache_quant_algo") or name.startswith(
-                    "calib"
-                ):
+                if name in (
+                    "keep_gguf_quantized", "kv_cache_quant_algo", "fp8_weight_rounding"
+                ) or name.startswith("calib"):
                     continue
                 out[name] = list(value) if isinstance(value, tuple) else value
             out["quant_algo"] = str(self.quant_algo)

@@ -15,7 +15,9 @@ norms, ``lm_head``) in the source's float dtype. Formats by ``qformat``:
                ``sym: true``, ``desc_act: false``): TRT-LLM's W4A16, int4 per channel
 ``w8a16``      GPTQ v1 with ``bits: 8``, ``group_size: -1``, ``sym: true``: int8 per channel
 ``fp8``        HF FP8 (``quant_method: fp8``, ``activation_scheme: dynamic``): float8_e4m3fn
-               ``weight`` and a per-tensor float32 ``weight_scale`` per module
+               ``weight`` and a per-tensor float32 ``weight_scale`` per module; rounded
+               with GPTQ on calibration data (``fp8_weight_rounding``, default
+               ``gptq``; ``--fp8-weight-rounding nearest``: round-to-nearest)
 ``w8a8_sq``    rtllm's own (``quant_method: rtllm``, ``quant_algo: W8A8_SQ_PER_CHANNEL``):
                int8 ``weight`` ``[out, in]`` (smoothed), float32 ``weight_scale``
                ``[out, 1]``, and for ``o_proj``/``down_proj`` float32 ``pre_quant_scale``
@@ -61,6 +63,7 @@ def export_config(
     qformat: str,
     kv_cache_dtype: str | None = None,
     group_size: int | None = None,
+    fp8_weight_rounding: str | None = None,
     **calib: Any,
 ) -> QuantConfig:
     """The :class:`QuantConfig` of ``qformat`` (``ValueError`` names allowed values)."""
@@ -75,6 +78,10 @@ def export_config(
         if qformat != "w4a16_awq":
             raise ValueError(f"group_size applies to w4a16_awq only, not {qformat}")
         changes["group_size"] = group_size
+    if fp8_weight_rounding is not None:
+        if qformat != "fp8":
+            raise ValueError(f"fp8_weight_rounding applies to fp8 only, not {qformat}")
+        changes["fp8_weight_rounding"] = fp8_weight_rounding
     return replace(QFORMATS[qformat], **changes)
 
 
@@ -155,7 +162,8 @@ def quantize_checkpoint(model_path: str, output_dir: str, config: QuantConfig,
     if needs_calibration(config):
         samples = calibration_samples(tokenizer, config)
         if needs_sequential_calibration(config):  # AWQ + GPTQ, GPTQ: weights left on their grid
-            calib = calibrate_sequentially(model, config, samples, linears)
+            # FP8: written with one per-tensor scale per checkpoint module (shard).
+            calib = calibrate_sequentially(model, config, samples, linears, fp8_shard_scales=True)
         else:
             calib = smooth_model(model, config, collect_activation_stats(model, samples, linears))
     float_dtype = model_config.checkpoint_dtype

@@ -56,12 +56,17 @@ may have received much more, only when its end code has not come out of the grou
 (the smallest / largest code each (row, group) received so far is tracked).
 Symmetric codes stay in ``[-qmax, qmax]`` (RTN never produces ``-qmax - 1``). A group
 whose range is 0 at grid time is quantized to 0.
+
+The loop itself (:func:`prepare`, :func:`column_order`, :func:`error_feedback`) does
+not know the grid: a rounding step (:data:`RoundColumn`) rounds one column and keeps
+its codes. :func:`gptq_quantize` gives it the integer grids above,
+:func:`rtllm.quantization.gptq_fp8.gptq_quantize_fp8` the FP8 E4M3 grid.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -211,6 +216,79 @@ def _store(grids: _Grids, index: int | slice, part: _Grids) -> None:
         getattr(grids, name)[index] = getattr(part, name)
 
 
+#: One rounding step of :func:`error_feedback`: ``(position, channel, w, ahead)``, with
+#: ``w`` ``[out]`` the column of input channel ``channel`` (quantized at ``position``)
+#: holding all feedback from the columns before it, and ``ahead(n)`` ``[n', out]`` the
+#: current weights of positions ``position .. position + n - 1`` (those after
+#: ``position`` not yet updated by ``position``'s own error), returns the column's
+#: rounded value (float32 ``[out]``) whose error is fed back.
+RoundColumn = Callable[[int, int, torch.Tensor, Callable[[int], torch.Tensor]], torch.Tensor]
+
+
+def prepare(
+    weight: torch.Tensor, h: torch.Tensor, zero_dead: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(wt, h, importance)``: the transposed float32 weight ``[in, out]`` (a weight
+    column, one input channel, is a contiguous row), a copy of ``h`` whose never-seen
+    channels (``H[i, i] == 0``) get ``H[i, i] = 1`` (and, with ``zero_dead``, weight 0)
+    and ``diag(H)``."""
+    wt = weight.float().t().contiguous()
+    h = h.float().clone()
+    dead = torch.diagonal(h) == 0
+    h[dead, dead] = 1.0
+    if zero_dead:
+        wt[dead] = 0.0
+    return wt, h, torch.diagonal(h).clone()
+
+
+def column_order(importance: torch.Tensor, act_order: bool) -> torch.Tensor:
+    """Input channels in quantization order: by decreasing ``diag(H)`` (act order,
+    stable) or natural."""
+    if act_order:
+        return torch.argsort(importance, descending=True, stable=True)
+    return torch.arange(importance.numel(), device=importance.device)
+
+
+@torch.no_grad()
+def error_feedback(
+    wt: torch.Tensor,
+    h: torch.Tensor,
+    order: torch.Tensor,
+    round_column: RoundColumn,
+    damp: float | None = None,
+    block: int = BLOCK,
+) -> None:
+    """GPTQ's loop (module doc) over the columns of the transposed weight ``wt``
+    ``[in, out]`` (:func:`prepare`) in ``order`` with Hessian ``h`` ``[in, in]``; the
+    grid is ``round_column``'s (:data:`RoundColumn`), which also keeps the codes.
+    ``damp`` None: :data:`DAMP`."""
+    wt, h = wt[order], h[order][:, order]
+    channels = order.tolist()  # input channel quantized at each position
+    u = _inverse_cholesky(h, DAMP if damp is None else damp)
+    in_features = wt.shape[0]
+    for start in range(0, in_features, block):
+        stop = min(start + block, in_features)
+        w_block = wt[start:stop].clone()  # receives this block's in-block updates
+        errors = torch.empty_like(w_block)
+        u_block = u[start:stop, start:stop]
+        for j in range(stop - start):
+
+            def ahead(count: int, pos: int = start + j, block_rows: torch.Tensor = w_block[j:],
+                      stop: int = stop) -> torch.Tensor:
+                # Updated in-block columns, then columns after the block, updated up to it.
+                end = pos + count
+                rows = block_rows[:count]
+                return rows if end <= stop else torch.cat([rows, wt[stop:end]])
+
+            w = w_block[j]
+            err = (w - round_column(start + j, channels[start + j], w, ahead)) / u_block[j, j]
+            # Invariant: columns > j of the block hold all feedback from columns <= j.
+            w_block[j + 1 :].addr_(u_block[j, j + 1 :], err, alpha=-1.0)
+            errors[j] = err
+        # Invariant: columns >= stop hold all feedback from columns < stop.
+        wt[stop:].addmm_(u[start:stop, stop:].t(), errors, alpha=-1.0)
+
+
 @torch.no_grad()
 def gptq_quantize(
     weight: torch.Tensor,
@@ -246,13 +324,7 @@ def gptq_quantize(
     shrinks = tuple(GRID_SHRINKS if grid_shrinks is None else grid_shrinks)
     if not all(0.0 < a <= 1.0 for a in shrinks):
         raise ValueError(f"grid range factors must lie in (0, 1], got {shrinks}")
-    # Transposed [in, out]: a weight column (one input channel) is a contiguous row.
-    wt = weight.float().t().contiguous()
-    h = h.float().clone()
-    dead = torch.diagonal(h) == 0
-    h[dead, dead] = 1.0
-    wt[dead] = 0.0
-    importance = torch.diagonal(h).clone()
+    wt, h, importance = prepare(weight, h, zero_dead=True)
     num_groups = in_features // group
     device = wt.device
     # Unsigned codes rounding may give: [0, 2**bits - 1]; symmetric [offset - qmax,
@@ -264,8 +336,6 @@ def gptq_quantize(
             wt.view(num_groups, group, out_features), importance.view(num_groups, group),
             starts, bits, zero_point, shrinks,
         )
-        order = torch.argsort(importance, descending=True, stable=True)
-        wt, h = wt[order], h[order][:, order]
     else:
         grids = _Grids(
             torch.empty(num_groups, out_features, device=device),
@@ -274,55 +344,39 @@ def gptq_quantize(
             torch.empty(num_groups, out_features, dtype=torch.long, device=device),
             torch.empty(num_groups, out_features, dtype=torch.bool, device=device),
         )
-        order = torch.arange(in_features, device=device)
-    channels = order.tolist()  # input channel quantized at each position
-    u = _inverse_cholesky(h, DAMP if damp is None else damp)
     codes = torch.empty(in_features, out_features, device=device)
     # Smallest / largest code each (group, row) has received so far: an end code is
     # present once they reach it (module doc's invariant).
     seen_low = torch.full((num_groups, out_features), high + 1, device=device)
     seen_high = torch.full((num_groups, out_features), low - 1, device=device)
-    for start in range(0, in_features, block):
-        stop = min(start + block, in_features)
-        w_block = wt[start:stop].clone()  # receives this block's in-block updates
-        errors = torch.empty_like(w_block)
-        u_block = u[start:stop, start:stop]
-        for j in range(stop - start):
-            col = channels[start + j]
-            g = col // group
-            if not act_order and col % group == 0:
-                # The group's current weights: updated in-block columns, then (groups
-                # wider than a block) columns after the block, updated up to it.
-                end = col + group
-                current = w_block[j : j + group]
-                if end > stop:
-                    current = torch.cat([current, wt[stop:end]])
-                part = _grids(
-                    current[None], importance[None, col:end], starts[g : g + 1],
-                    bits, zero_point, shrinks,
-                )
-                _store(grids, slice(g, g + 1), part)
-            w, scale, zero = w_block[j], grids.scale[g], grids.zero[g]
-            q = _codes(w, scale, zero, low, high)
-            force_low, force_high = grids.keep_low[g] == col, grids.keep_high[g] == col
-            if act_order:  # static grids: force a keeper only while its end is missing
-                need_low, need_high = seen_low[g] > low, seen_high[g] < high
-                if not zero_point:  # one end code, either sign, is enough
-                    need_low = need_high = need_low & need_high
-                force_low, force_high = force_low & need_low, force_high & need_high
-            q = torch.where(force_low, low, q)
-            q = torch.where(force_high, high, q)
-            q = torch.where(grids.empty[g], zero, q)
-            if act_order:
-                torch.minimum(seen_low[g], q, out=seen_low[g])
-                torch.maximum(seen_high[g], q, out=seen_high[g])
-            codes[col] = q
-            err = (w - (q - zero) * scale) / u_block[j, j]
-            # Invariant: columns > j of the block hold all feedback from columns <= j.
-            w_block[j + 1 :].addr_(u_block[j, j + 1 :], err, alpha=-1.0)
-            errors[j] = err
-        # Invariant: columns >= stop hold all feedback from columns < stop.
-        wt[stop:].addmm_(u[start:stop, stop:].t(), errors, alpha=-1.0)
+
+    def round_column(_pos: int, col: int, w: torch.Tensor, ahead: Callable[[int], torch.Tensor]) -> torch.Tensor:
+        g = col // group
+        if not act_order and col % group == 0:
+            # The group's current weights (natural order: position == channel).
+            part = _grids(
+                ahead(group)[None], importance[None, col : col + group], starts[g : g + 1],
+                bits, zero_point, shrinks,
+            )
+            _store(grids, slice(g, g + 1), part)
+        scale, zero = grids.scale[g], grids.zero[g]
+        q = _codes(w, scale, zero, low, high)
+        force_low, force_high = grids.keep_low[g] == col, grids.keep_high[g] == col
+        if act_order:  # static grids: force a keeper only while its end is missing
+            need_low, need_high = seen_low[g] > low, seen_high[g] < high
+            if not zero_point:  # one end code, either sign, is enough
+                need_low = need_high = need_low & need_high
+            force_low, force_high = force_low & need_low, force_high & need_high
+        q = torch.where(force_low, low, q)
+        q = torch.where(force_high, high, q)
+        q = torch.where(grids.empty[g], zero, q)
+        if act_order:
+            torch.minimum(seen_low[g], q, out=seen_low[g])
+            torch.maximum(seen_high[g], q, out=seen_high[g])
+        codes[col] = q
+        return (q - zero) * scale
+
+    error_feedback(wt, h, column_order(importance, act_order), round_column, damp, block)
     q = codes.t().to(torch.uint8)
     scales, zeros = grids.scale.t().contiguous(), grids.zero.t().contiguous()
     expanded = torch.repeat_interleave

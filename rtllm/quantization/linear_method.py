@@ -9,7 +9,8 @@ and dtypes (``staged[shard_id][suffix]``):
 
 =====================  ===============================================================
 float ``weight``       a float checkpoint: round-to-nearest (or, after calibration,
-                       smoothed and/or GPTQ-rounded) quantization with
+                       smoothed and/or GPTQ-rounded, FP8 included: the rounded float
+                       weight gives back GPTQ's codes) quantization with
                        :func:`quantize_float`
 ``qweight`` (AWQ)      AutoAWQ GEMM packing (``qweight``/``qzeros``/``scales``)
 ``qweight`` (GPTQ)     AutoGPTQ v1 packing (``qweight``/``qzeros``/``scales``/``g_idx``)
@@ -79,12 +80,14 @@ def layer_quant_config(
 def needs_calibration(config: QuantConfig) -> bool:
     """True when a float checkpoint needs calibration data before quantizing: AWQ
     (scale search + GPTQ rounding), GPTQ (rounding with the inputs' Hessian; not the
-    float weights of a GGUF file kept quantized, which are rounded to nearest),
-    SmoothQuant and static FP8 (activation statistics)."""
+    float weights of a GGUF file kept quantized, which are rounded to nearest), FP8
+    with ``fp8_weight_rounding="gptq"`` (GPTQ rounding on the FP8 grid), SmoothQuant
+    and static FP8 (activation statistics)."""
     gptq = config.quant_algo in (QuantAlgo.W4A16_GPTQ, QuantAlgo.W8A16_GPTQ)
     return (
         config.quant_algo in (QuantAlgo.W4A16_AWQ, QuantAlgo.W8A8_SQ_PER_CHANNEL)
         or (gptq and not config.keep_gguf_quantized)
+        or config.gptq_fp8_rounding
         or (config.quant_algo == QuantAlgo.FP8 and config.activation_scheme == "static")
     )
 

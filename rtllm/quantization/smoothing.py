@@ -20,13 +20,16 @@ consumer               where ``1 / s`` is applied
 
 ``QuantConfig.pre_quant_scale=True`` keeps every scale in its layer instead.
 
-W4A16_AWQ is **AWQ scale search + GPTQ rounding**, and W4A16_GPTQ / W8A16_GPTQ are
-GPTQ rounding, both calibrated decoder layer by decoder layer
+W4A16_AWQ is **AWQ scale search + GPTQ rounding**, and W4A16_GPTQ / W8A16_GPTQ (and
+FP8 / FP8_PER_CHANNEL_PER_TOKEN with ``fp8_weight_rounding="gptq"``, on the FP8 grid
+of :mod:`rtllm.quantization.gptq_fp8`) are GPTQ rounding, all calibrated decoder layer
+by decoder layer
 (:func:`calibrate_sequentially`): each layer's statistics come from the inputs the
 layers before it, already quantized, produce; AWQ's scale ``s`` minimises the
 linear's output error over every calibration token (:mod:`rtllm.quantization.awq`),
 then :mod:`rtllm.quantization.gptq` rounds the scaled weights with the Hessian of the
-inputs each linear sees. SmoothQuant and static FP8 use one pass of the float model
+inputs each linear sees. SmoothQuant and static FP8 with round-to-nearest weights
+(``fp8_weight_rounding="nearest"``) use one pass of the float model
 (:func:`smooth_model`), as does AWQ's folding alone (with the optional weight
 clipping search, ``awq.AWQ_CLIP``, off by default) when :func:`smooth_model` gets
 statistics of a plain token list.
@@ -56,6 +59,7 @@ from rtllm.quantization.calibration import (
 )
 from rtllm.quantization.config import QuantAlgo, QuantConfig
 from rtllm.quantization.gptq import gptq_quantize, hessian
+from rtllm.quantization.gptq_fp8 import gptq_quantize_fp8
 
 logger = logging.getLogger(__name__)
 
@@ -188,12 +192,35 @@ def smooth_model(
 
 
 @torch.no_grad()
+def _gptq_round(linear: Linear, h: torch.Tensor, config: QuantConfig, shard_scales: bool) -> torch.Tensor:
+    """GPTQ's rounding of ``linear``'s float weight on ``config``'s grid, as the float
+    weight ``[out, in]`` (float32) that round-to-nearest re-quantizes to its codes."""
+    w = linear.weight.data
+    if config.gptq_fp8_rounding:
+        per_channel = config.quant_algo == QuantAlgo.FP8_PER_CHANNEL_PER_TOKEN
+        blocks = None
+        if shard_scales and not per_channel:  # one per-tensor scale per checkpoint shard
+            blocks = [size for _, size in sorted(linear.shard_rows(s) for s in linear.shard_ids())]
+        return gptq_quantize_fp8(w, h, per_channel, blocks).dequantized
+    bits = _GPTQ_BITS[config.quant_algo]
+    return gptq_quantize(w, h, bits, config.weight_group_size, config.has_zero_point).dequantized
+
+
+@torch.no_grad()
 def calibrate_sequentially(
-    model: nn.Module, config: QuantConfig, samples: list[torch.Tensor], linears: dict[str, Linear]
+    model: nn.Module,
+    config: QuantConfig,
+    samples: list[torch.Tensor],
+    linears: dict[str, Linear],
+    fp8_shard_scales: bool = False,
 ) -> dict[str, LayerCalibration]:
     """AWQ scale search + GPTQ rounding (W4A16_AWQ), or GPTQ rounding alone
-    (W4A16_GPTQ, W8A16_GPTQ), of the float ``linears`` (prefix -> layer), decoder layer
-    by decoder layer on ``samples``.
+    (W4A16_GPTQ, W8A16_GPTQ; FP8 and FP8_PER_CHANNEL_PER_TOKEN with
+    ``fp8_weight_rounding="gptq"``), of the float ``linears`` (prefix -> layer), decoder
+    layer by decoder layer on ``samples``. FP8 per-tensor weights get one scale for
+    each fused linear (as quantizing it on load does) or, with ``fp8_shard_scales``, one
+    per checkpoint shard (``q``/``k``/``v``, ``gate``/``up``: as ``rtllm quantize``
+    writes them).
 
     For each decoder layer, on the inputs it receives from the layers before it, *as
     already quantized*:
@@ -205,18 +232,18 @@ def calibrate_sequentially(
        rows;
     2. in execution order (qkv, o, gate_up, down), each linear's inputs are recorded
        again with the linears before it already rounded (and smoothed), and its weight
-       is rounded by :func:`~rtllm.quantization.gptq.gptq_quantize` with the Hessian of
+       is rounded by :func:`~rtllm.quantization.gptq.gptq_quantize` (FP8:
+       :func:`~rtllm.quantization.gptq_fp8.gptq_quantize_fp8`) with the Hessian of
        those inputs;
     3. the layer runs once more to give the next layer its inputs.
 
-    The rounded weights stay in the float model as ``(q - zero) * scale`` (the float
-    forward of the later steps is the quantized model's); re-quantizing them with
-    round-to-nearest reproduces GPTQ's codes exactly (see :mod:`rtllm.quantization.
-    gptq`), so :func:`rtllm.quantization.linear_method.quantize_float` and ``rtllm
+    The rounded weights stay in the float model as ``(q - zero) * scale`` (FP8: ``q *
+    scale``; the float forward of the later steps is the quantized model's weights, with
+    float activations); re-quantizing them with round-to-nearest reproduces GPTQ's codes
+    exactly (see :mod:`rtllm.quantization.gptq`, :mod:`rtllm.quantization.gptq_fp8`), so :func:`rtllm.quantization.linear_method.quantize_float` and ``rtllm
     quantize`` store them unchanged. Returns what each layer still needs.
     """
     mc = model.config
-    bits = _GPTQ_BITS[config.quant_algo]
     awq = config.quant_algo == QuantAlgo.W4A16_AWQ
     result: dict[str, LayerCalibration] = {}
     handles = []
@@ -241,11 +268,8 @@ def calibrate_sequentially(
             order = {id(m): i for i, m in enumerate(_execution_order(layer))}
             for linear, _, _ in sorted(plan, key=lambda s: order[id(s[0])]):
                 st = linear_input_stats(model, layer, inputs, {linear.prefix: linear}, linear)[linear.prefix]
-                rounded = gptq_quantize(
-                    linear.weight.data, hessian(st.gram, st.count), bits,
-                    config.weight_group_size, config.has_zero_point,
-                )
-                linear.weight.data.copy_(rounded.dequantized.to(linear.weight.dtype))
+                rounded = _gptq_round(linear, hessian(st.gram, st.count), config, fp8_shard_scales)
+                linear.weight.data.copy_(rounded.to(linear.weight.dtype))
                 calib = result.setdefault(linear.prefix, LayerCalibration())
                 calib.input_amax = float(st.amax.max())
             if index + 1 < len(layers):
@@ -256,7 +280,7 @@ def calibrate_sequentially(
             handle.remove()
     logger.info(
         "%s: %d linear layers rounded on %d samples in %.1f s",
-        "AWQ + GPTQ" if awq else "GPTQ", len(result), len(samples), time.perf_counter() - start,
+        "AWQ + GPTQ" if awq else "GPTQ (FP8)" if config.gptq_fp8_rounding else "GPTQ", len(result), len(samples), time.perf_counter() - start,
     )
     return result
 
@@ -274,8 +298,9 @@ def _scale_input(scale: torch.Tensor):
 
 
 def needs_sequential_calibration(config: QuantConfig) -> bool:
-    """AWQ + GPTQ and GPTQ calibrate layer by layer (:func:`calibrate_sequentially`)."""
-    return config.quant_algo in _GPTQ_BITS
+    """AWQ + GPTQ and GPTQ (integer or FP8 grid) calibrate layer by layer
+    (:func:`calibrate_sequentially`)."""
+    return config.quant_algo in _GPTQ_BITS or config.gptq_fp8_rounding
 
 
 def calibrate_and_quantize(model: nn.Module, config: QuantConfig, model_path: str) -> None:

@@ -55,6 +55,11 @@ def test_frozen_and_hashable() -> None:
         ({"smoothquant_val": 1.5}, ["smoothquant_val"]),
         ({"calib_size": 0}, ["calib_size"]),
         ({"calib_max_seq_length": -1}, ["calib_max_seq_length"]),
+        ({"quant_algo": "FP8", "fp8_weight_rounding": "rtn"}, ["fp8_weight_rounding", "gptq", "nearest"]),
+        ({"quant_algo": "FP8", "fp8_weight_rounding": None}, ["fp8_weight_rounding", "gptq", "nearest"]),
+        ({"quant_algo": "W8A16", "fp8_weight_rounding": "nearest"},
+         ["fp8_weight_rounding", "FP8", "FP8_PER_CHANNEL_PER_TOKEN", "W8A16"]),
+        ({"fp8_weight_rounding": "nearest"}, ["fp8_weight_rounding", "FP8"]),
     ],
 )
 def test_invalid_combinations_name_the_field(kwargs: dict, words: list[str]) -> None:
@@ -79,6 +84,9 @@ def test_invalid_combinations_name_the_field(kwargs: dict, words: list[str]) -> 
         {"quant_algo": "FP8", "activation_scheme": "static", "kv_cache_quant_algo": "FP8"},
         {"quant_algo": "NO_QUANT", "kv_cache_quant_algo": "INT8"},
         {"quant_algo": "W4A16", "group_size": 100},  # ignored by per-channel algos
+        {"quant_algo": "FP8", "fp8_weight_rounding": "nearest", "activation_scheme": "static"},
+        {"quant_algo": "FP8_PER_CHANNEL_PER_TOKEN", "fp8_weight_rounding": "nearest"},
+        {"quant_algo": "W4A16_GPTQ", "fp8_weight_rounding": "gptq"},  # the default: allowed
     ],
 )
 def test_valid_combinations(kwargs: dict) -> None:
@@ -261,3 +269,19 @@ def test_hf_round_trip(hf: dict) -> None:
 def test_to_hf_rejects_configs_without_hf_form(kwargs: dict) -> None:
     with pytest.raises(ValueError, match="Hugging Face"):
         QuantConfig(**kwargs).to_hf_quantization_config()
+
+
+def test_fp8_weight_rounding_is_not_written_to_checkpoints() -> None:
+    """A calibration-time option: the written config reads back as the default (whose
+    loader finds FP8 weights and never calibrates them)."""
+    from rtllm.quantization.linear_method import needs_calibration
+
+    assert QuantConfig().fp8_weight_rounding == "gptq"
+    for algo in ("FP8", "FP8_PER_CHANNEL_PER_TOKEN"):
+        for rounding in ("gptq", "nearest"):
+            cfg = QuantConfig(quant_algo=algo, fp8_weight_rounding=rounding)
+            assert cfg.gptq_fp8_rounding == (rounding == "gptq") == needs_calibration(cfg)
+            written = cfg.to_checkpoint_quantization_config()
+            assert "fp8_weight_rounding" not in written
+            assert QuantConfig.from_hf_quantization_config(written) == QuantConfig(quant_algo=algo)
+    assert not QuantConfig(quant_algo="W4A16_GPTQ").gptq_fp8_rounding
