@@ -23,7 +23,10 @@ with GPTQ and with round-to-nearest weights). The FP8-vs-rounding comparison:
 
 KV-cache rows run the engine (``LLM``, paged cache, ``prompt_logprobs``) on the same
 windows; their "vs float" is against the dense float row (the float-cache engine row
-shows the two paths agree).
+shows the two paths agree). The windows are prefilled in chunks of ``KV_CHUNK`` tokens:
+on the GPU a prompt with no cached prefix attends over its fresh 16-bit K/V
+(rtllm.kernels.prompt_attention), so only later chunks read the cache's codes; the
+torch backend (CPU) reads codes in every step.
 """
 
 from __future__ import annotations
@@ -66,6 +69,8 @@ FORMATS: list[tuple[str, QuantConfig | None]] = [
 #: dense forward of rtllm.quantization.perplexity has no KV cache.
 KV_FORMATS = [("KV cache float (engine)", None), ("KV cache INT8 (engine)", "INT8"),
               ("KV cache FP8 (engine)", "FP8")]
+#: Prefill chunk of the KV rows: a window's later chunks attend over earlier ones' codes.
+KV_CHUNK = 64
 
 
 def rtn_model(path: str, config: object, quant_config: QuantConfig, dtype: torch.dtype,
@@ -96,6 +101,7 @@ def engine_perplexity(ids: list[int], window: int, kv_algo: str | None, dtype: s
     windows = [w for w in windows if len(w) >= 2]
     quant = None if kv_algo is None else QuantConfig(kv_cache_quant_algo=kv_algo)
     with LLM(None, dtype=dtype, device=device, quant_config=quant,
+             enable_chunked_prefill=True, max_num_tokens=KV_CHUNK,
              kv_cache_config=KvCacheConfig(enable_block_reuse=False, free_gpu_memory_fraction=0.2)) as llm:
         outs = llm.generate(windows, SamplingParams(max_tokens=1, prompt_logprobs=0),
                             use_tqdm=False)

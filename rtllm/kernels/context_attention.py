@@ -71,6 +71,7 @@ def _attend_tile(
     kv_head,
     scale_log2e,
     stride_c_block,
+    stride_v_block,
     stride_c_tok,
     stride_c_head,
     stride_s_block,
@@ -99,12 +100,8 @@ def _attend_tile(
         block = tl.load(table_row + offs_n // TOKENS_PER_BLOCK, mask=n_mask, other=0)
     else:
         block = tl.load(table_row + offs_n // TOKENS_PER_BLOCK)
-    kv_off = (
-        block.to(tl.int64) * stride_c_block
-        + (offs_n % TOKENS_PER_BLOCK) * stride_c_tok
-        + kv_head * stride_c_head
-    )
-    ptrs = kv_off[:, None] + offs_d[None, :]
+    in_block = (offs_n % TOKENS_PER_BLOCK) * stride_c_tok + kv_head * stride_c_head
+    ptrs = (block.to(tl.int64) * stride_c_block + in_block)[:, None] + offs_d[None, :]
     k = _load_tile(k_cache_ptr + ptrs, n_mask, d_mask, MASKED, HEAD_DIM != BLOCK_D)
     if QUANT:
         # Per-key scales (0 for masked keys: their scores are masked below anyway);
@@ -130,7 +127,10 @@ def _attend_tile(
     p = tl.math.exp2(s - m_sub[:, None])
     alpha = tl.math.exp2(m_i - m_sub)
     l_i = l_i * alpha + tl.sum(p, 1)
-    v = _load_tile(v_cache_ptr + ptrs, n_mask, d_mask, MASKED, HEAD_DIM != BLOCK_D)
+    # V may have its own block stride (prompt_attention's fresh K/V); the paged cache's
+    # K and V share every stride.
+    v_ptrs = (block.to(tl.int64) * stride_v_block + in_block)[:, None] + offs_d[None, :]
+    v = _load_tile(v_cache_ptr + v_ptrs, n_mask, d_mask, MASKED, HEAD_DIM != BLOCK_D)
     if QUANT:
         pv = quant_weighted_values(p, v, v_scale, DOT_DTYPE, DOT_PRECISION)
     else:
@@ -157,6 +157,7 @@ def _context_attention_kernel(
     stride_ot,
     stride_oh,
     stride_c_block,
+    stride_v_block,
     stride_c_tok,
     stride_c_head,
     stride_s_block,
@@ -214,7 +215,7 @@ def _context_attention_kernel(
             m_i, l_i, acc = _attend_tile(
                 q, m_i, l_i, acc, start_n, q_pos, seq_len, sliding_window, table_row,
                 k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, kv_head, scale_log2e,
-                stride_c_block, stride_c_tok, stride_c_head, stride_s_block, stride_s_tok,
+                stride_c_block, stride_v_block, stride_c_tok, stride_c_head, stride_s_block, stride_s_tok,
                 HEAD_DIM, BLOCK_D, BLOCK_N, TOKENS_PER_BLOCK, True, True, DOT_PRECISION, QUANT,
                 DOT_DTYPE,
             )  # fmt: skip
@@ -226,7 +227,7 @@ def _context_attention_kernel(
             m_i, l_i, acc = _attend_tile(
                 q, m_i, l_i, acc, start_n, q_pos, seq_len, sliding_window, table_row,
                 k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, kv_head, scale_log2e,
-                stride_c_block, stride_c_tok, stride_c_head, stride_s_block, stride_s_tok,
+                stride_c_block, stride_v_block, stride_c_tok, stride_c_head, stride_s_block, stride_s_tok,
                 HEAD_DIM, BLOCK_D, BLOCK_N, TOKENS_PER_BLOCK, False, False, DOT_PRECISION, QUANT,
                 DOT_DTYPE,
             )  # fmt: skip
@@ -234,7 +235,7 @@ def _context_attention_kernel(
             m_i, l_i, acc = _attend_tile(
                 q, m_i, l_i, acc, start_n, q_pos, seq_len, sliding_window, table_row,
                 k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, kv_head, scale_log2e,
-                stride_c_block, stride_c_tok, stride_c_head, stride_s_block, stride_s_tok,
+                stride_c_block, stride_v_block, stride_c_tok, stride_c_head, stride_s_block, stride_s_tok,
                 HEAD_DIM, BLOCK_D, BLOCK_N, TOKENS_PER_BLOCK, True, False, DOT_PRECISION, QUANT,
                 DOT_DTYPE,
             )  # fmt: skip
@@ -355,18 +356,46 @@ def context_attention(
     batch = seq_lens.shape[0]
     if query.shape[0] == 0 or batch == 0 or max_query_len <= 0:
         return out
+    return launch_context_kernel(
+        query, kv_cache[0], kv_cache[1], kv_scale, out, cu_seqlens_q, seq_lens, block_tables,
+        max_query_len, scale, sliding_window, group, block_m, block_n, num_warps, num_stages,
+    )  # fmt: skip
+
+
+def launch_context_kernel(
+    query: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    kv_scale: torch.Tensor | None,
+    out: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_tables: torch.Tensor,
+    max_query_len: int,
+    scale: float,
+    sliding_window: int | None,
+    group: int,
+    block_m: int | None = None,
+    block_n: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+) -> torch.Tensor:
+    """Launch the kernel on checked inputs: ``k_cache`` / ``v_cache`` ``[num_blocks,
+    tokens_per_block, num_kv_heads, head_dim]`` share the token and head strides (their
+    block strides may differ); ``kv_scale`` as in :func:`context_attention`."""
+    batch, head_dim = seq_lens.shape[0], query.shape[2]
     default_m, default_n, default_warps, default_stages = _default_blocks(head_dim, query.device)
     bm, bn = block_m or default_m, block_n or default_n
     window = sliding_window or 0
     quant = kv_scale is not None
-    scales = kv_scale if quant else kv_cache  # unquantized: never read
-    grid = (triton.cdiv(max_query_len, bm), num_heads, batch)
+    scales = kv_scale if quant else k_cache[None]  # unquantized: never read
+    grid = (triton.cdiv(max_query_len, bm), query.shape[1], batch)
     _context_attention_kernel[grid](
         query,
-        kv_cache[0],
-        kv_cache[1],
+        k_cache,
+        v_cache,
         scales[0],
-        scales[1],
+        scales[-1],
         out,
         cu_seqlens_q,
         seq_lens,
@@ -377,16 +406,17 @@ def context_attention(
         query.stride(1),
         out.stride(0),
         out.stride(1),
-        kv_cache.stride(1),
-        kv_cache.stride(2),
-        kv_cache.stride(3),
+        k_cache.stride(0),
+        v_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
         scales.stride(1),
         scales.stride(2),
         block_tables.stride(0),
         HEAD_DIM=head_dim,
         BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
         GROUP=group,
-        TOKENS_PER_BLOCK=kv_cache.shape[2],
+        TOKENS_PER_BLOCK=k_cache.shape[1],
         BLOCK_M=bm,
         BLOCK_N=bn,
         USE_WINDOW=window > 0,

@@ -113,6 +113,47 @@ def test_triton_backend_matches_torch_backend(qdtype: torch.dtype, dtype: torch.
     torch.testing.assert_close(out, expected, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("qdtype", [torch.int8, pytest.param(FP8, marks=requires_cuda)])
+def test_triton_backend_fresh_prompts_attend_unquantized(qdtype: torch.dtype) -> None:
+    """A step of prompts with no cached prefix attends over its fresh K/V (float), and
+    still writes the codes the torch backend writes; a step with a prefix reads codes."""
+    pytest.importorskip("triton")
+    from rtllm.kernels.context_attention import reference_attention
+    from rtllm.layers.attention_backends.triton_backend import TritonAttentionBackend
+
+    spec = AttentionLayerSpec(8, 2, 64, 64**-0.5)
+    query_lens = [9, 3, 17]
+    tables = [[4, 0], [2], [5, 1, 3]]
+    inputs = StepAttentionInputs(query_lens, [0, 0, 0], tables, BS, DEVICE)
+    assert inputs.fresh_prompts
+    assert not StepAttentionInputs([1, 1], [0, 0], [[0], [1]], BS, DEVICE).fresh_prompts
+    assert not StepAttentionInputs([4, 1], [0, 3], [[0], [1]], BS, DEVICE).fresh_prompts
+    gen = torch.Generator().manual_seed(11)
+    t = sum(query_lens)
+    q, k, v = (torch.randn(t, h, 64, generator=gen).to(DEVICE)
+               for h in (spec.num_heads, spec.num_kv_heads, spec.num_kv_heads))
+    zeros = torch.zeros(2, 7, BS, spec.num_kv_heads, 64, device=DEVICE)
+    triton_layer, torch_layer = _quantized_like(zeros, qdtype), _quantized_like(zeros, qdtype)
+    backend = TritonAttentionBackend()
+    metadata = backend.build_metadata(inputs)
+    assert metadata.fresh_prompts
+    out = backend.forward(spec, q, k, v, triton_layer, metadata)
+    start = 0
+    for n in query_lens:
+        rows = slice(start, start + n)
+        expected = reference_attention(q[rows], k[rows], v[rows], 0, spec.scale)
+        torch.testing.assert_close(out[rows], expected, rtol=1e-4, atol=1e-4)
+        start += n
+    # The cache holds the same codes the torch backend's write path stores.
+    torch_backend = TorchAttentionBackend()
+    quantized = torch_backend.forward(spec, q, k, v, torch_layer, torch_backend.build_metadata(inputs))
+    torch.testing.assert_close(triton_layer.scale, torch_layer.scale, rtol=1e-6, atol=0)
+    code_step = 1.0 if qdtype == torch.int8 else torch_layer.data.float().abs() * 2.0**-3 + 2.0**-9
+    assert ((triton_layer.data.float() - torch_layer.data.float()).abs() <= code_step).all()
+    # ... and the torch backend (the reference emulation) attended over those codes.
+    assert (quantized - out).abs().max() > 0
+
+
 def _runner(kv_dtype: torch.dtype | None) -> ModelRunner:
     config = SimpleNamespace(num_key_value_heads=2, head_dim=16, num_hidden_layers=2)
     return ModelRunner(None, config, torch.float32, torch.device("cpu"), BS, "torch", kv_dtype)

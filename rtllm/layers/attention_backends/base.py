@@ -55,6 +55,20 @@ class StepAttentionInputs:
     def seq_lens(self) -> list[int]:
         return [c + q for c, q in zip(self.context_lens, self.query_lens, strict=True)]
 
+    @property
+    def fresh_prompts(self) -> bool:
+        """A prompt step in which no sequence has a cached prefix (and not every sequence
+        has one token): every key is this step's own. Over a quantized cache the Triton
+        backend then attends over the fresh K/V in the model dtype instead of the codes
+        it writes (as TensorRT-LLM's context FMHA and vLLM's prefill do; later steps
+        read the codes), where the torch backend, the reference emulation of the
+        quantized cache, always attends over the codes."""
+        return (
+            bool(self.query_lens)
+            and not any(self.context_lens)
+            and not all(q == 1 for q in self.query_lens)
+        )
+
 
 class AttentionBackend(ABC):
     """Computes paged attention for a packed batch of variable-length sequences."""

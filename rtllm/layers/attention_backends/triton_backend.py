@@ -7,7 +7,9 @@ K/V into the paged cache, then runs
 
 * the split-K decode kernel when every sequence has exactly one new token, or
 * the paged context kernel for everything else (prefill, chunked prefill, prefix hits,
-  and mixed steps, whose one-token sequences it handles like any other).
+  and mixed steps, whose one-token sequences it handles like any other), except that
+  over a quantized cache, a step of prompts none of which has a cached prefix attends
+  over its fresh 16-bit K/V (:mod:`rtllm.kernels.prompt_attention`).
 
 For CUDA graphs, :class:`TritonMetadataBuffers` keeps fixed-address device buffers for a
 padded decode batch and :meth:`TritonAttentionBackend.build_decode_metadata_into` fills
@@ -30,6 +32,7 @@ from rtllm.kernels.context_attention import context_attention
 from rtllm.kernels.decode_attention import decode_attention
 from rtllm.kernels.kv_cache_write import write_kv_cache
 from rtllm.kernels.kv_quant import KVCacheLayer, QuantizedKVCache
+from rtllm.kernels.prompt_attention import prompt_attention, prompt_token_tables
 from rtllm.layers.attention_backends.base import (
     AttentionBackend,
     AttentionLayerSpec,
@@ -54,6 +57,11 @@ class TritonAttentionMetadata:
     # replays.
     max_seq_len: int | None
     is_decode: bool  # every sequence has exactly one new token
+    # StepAttentionInputs.fresh_prompts: over a quantized cache the step attends over its
+    # fresh 16-bit K/V (rtllm.kernels.prompt_attention), through token tables built on
+    # first use and shared by the step's layers.
+    fresh_prompts: bool = False
+    prompt_tables: torch.Tensor | None = None
 
 
 def _pinned(n: int, device: torch.device) -> torch.Tensor:
@@ -168,6 +176,7 @@ class TritonAttentionBackend(AttentionBackend):
             max_query_len=max(inputs.query_lens, default=0),
             max_seq_len=int(seq_lens.max()) if batch else 0,
             is_decode=batch > 0 and all(q == 1 for q in inputs.query_lens),
+            fresh_prompts=inputs.fresh_prompts,
         )
 
     def build_decode_metadata_into(
@@ -257,7 +266,23 @@ class TritonAttentionBackend(AttentionBackend):
         in_dtype = query.dtype
         if kv_scale is None and in_dtype != kv_cache.dtype:
             query = query.to(kv_cache.dtype)
-        if metadata.is_decode:
+        if kv_scale is not None and metadata.fresh_prompts:
+            if metadata.prompt_tables is None:
+                metadata.prompt_tables = prompt_token_tables(
+                    metadata.cu_seqlens_q, metadata.max_query_len
+                )
+            out = prompt_attention(
+                query,
+                key.to(query.dtype),
+                value.to(query.dtype),
+                metadata.cu_seqlens_q,
+                metadata.seq_lens,
+                metadata.prompt_tables,
+                metadata.max_query_len,
+                spec.scale,
+                spec.sliding_window,
+            )
+        elif metadata.is_decode:
             out = decode_attention(
                 query,
                 kv_cache,
