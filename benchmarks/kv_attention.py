@@ -53,7 +53,7 @@ def time_ms(fn) -> float:
     return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
 
 
-def bench_decode(args, seq_lens, kv, cfg, gen) -> tuple[float, float, torch.Tensor]:
+def bench_decode(seq_lens, kv, cfg, gen) -> tuple[float, float, torch.Tensor]:
     cache, scale, tables, nbytes = paged_cache(seq_lens, kv, torch.Generator().manual_seed(1))
     query = torch.randn(len(seq_lens), HEADS, HEAD_DIM, generator=gen).to("cuda", torch.bfloat16)
     lens = torch.tensor(seq_lens, dtype=torch.int32, device="cuda")
@@ -71,7 +71,7 @@ def bench_decode(args, seq_lens, kv, cfg, gen) -> tuple[float, float, torch.Tens
     return ms, nbytes / ms / 1e6, out
 
 
-def bench_context(args, seq_lens, kv, cfg, gen) -> tuple[float, float, torch.Tensor]:
+def bench_context(seq_lens, kv, cfg, gen) -> tuple[float, float, torch.Tensor]:
     cache, scale, tables, nbytes = paged_cache(seq_lens, kv, torch.Generator().manual_seed(1))
     query = torch.randn(sum(seq_lens), HEADS, HEAD_DIM, generator=gen).to("cuda", torch.bfloat16)
     lens = torch.tensor(seq_lens, dtype=torch.int32, device="cuda")
@@ -94,6 +94,22 @@ def parse_cfgs(values: list[str]) -> list[tuple[int, ...] | None]:
     return [None] + [tuple(int(x) for x in v.split(",")) for v in values]
 
 
+def sweep(bench, seq_lens: list[int], kvs: list[str], cfgs: list[str]) -> None:
+    """Time ``bench`` for each KV dtype x configuration; print time, K/V bytes per
+    second, and speed and relative error against the first row (the first dtype)."""
+    base = None
+    for kv in kvs:
+        for cfg in parse_cfgs(cfgs):
+            ms, gbs, out = bench(seq_lens, kv, cfg, torch.Generator().manual_seed(2))
+            if base is None:
+                base = (ms, out, kv)
+            err = ((out.float() - base[1].float()).norm() / base[1].float().norm()).item()
+            print(
+                f"  {kv:5s} cfg {cfg or 'default'!s:14s} {ms * 1e3:8.1f} us  {gbs:7.0f} GB/s"
+                f"  x{base[0] / ms:5.2f} vs {base[2]}  rel err {err:.1e}"
+            )
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batch", type=int, default=256)
@@ -110,32 +126,10 @@ def main() -> None:
     seq_lens = torch.randint(lo, hi + 1, (args.batch,), generator=gen).tolist()
     kvs = args.kv.split(",")
     print(f"decode: batch {args.batch}, context {lo}-{hi} ({sum(seq_lens)} keys)")
-    base = None
-    for kv in kvs:
-        for cfg in parse_cfgs(args.decode_cfg):
-            ms, gbs, out = bench_decode(args, seq_lens, kv, cfg, torch.Generator().manual_seed(2))
-            if base is None:
-                base = (ms, out)
-            err = ((out.float() - base[1].float()).norm() / base[1].float().norm()).item()
-            print(
-                f"  {kv:5s} cfg {cfg or 'default'!s:14s} {ms * 1e3:8.1f} us  {gbs:7.0f} GB/s"
-                f"  x{base[0] / ms:5.2f} vs bf16  rel err {err:.1e}"
-            )
-    if args.skip_context:
-        return
-    ctx_lens = [args.context_len] * args.context_batch
-    print(f"context: {args.context_batch} prompts of {args.context_len} tokens")
-    base = None
-    for kv in kvs:
-        for cfg in parse_cfgs(args.context_cfg):
-            ms, gbs, out = bench_context(args, ctx_lens, kv, cfg, torch.Generator().manual_seed(2))
-            if base is None:
-                base = (ms, out)
-            err = ((out.float() - base[1].float()).norm() / base[1].float().norm()).item()
-            print(
-                f"  {kv:5s} cfg {cfg or 'default'!s:14s} {ms * 1e3:8.1f} us"
-                f"  x{base[0] / ms:5.2f} vs bf16  rel err {err:.1e}"
-            )
+    sweep(bench_decode, seq_lens, kvs, args.decode_cfg)
+    if not args.skip_context:
+        print(f"context: {args.context_batch} prompts of {args.context_len} tokens")
+        sweep(bench_context, [args.context_len] * args.context_batch, kvs, args.context_cfg)
 
 
 if __name__ == "__main__":

@@ -273,8 +273,8 @@ class TritonAttentionBackend(AttentionBackend):
                 )
             out = prompt_attention(
                 query,
-                key.to(query.dtype),
-                value.to(query.dtype),
+                key,
+                value,
                 metadata.cu_seqlens_q,
                 metadata.seq_lens,
                 metadata.prompt_tables,
