@@ -23,7 +23,7 @@ import triton
 
 from rtllm.kernels.context_attention import context_attention
 from rtllm.kernels.decode_attention import decode_attention
-from rtllm.kernels.kv_quant import quantize_kv
+from rtllm.kernels.kv_quant import quantize_kv_cache
 
 HEADS, KV_HEADS, HEAD_DIM, TOKENS_PER_BLOCK = 32, 8, 128, 32
 KV_DTYPES = {"fp8": torch.float8_e4m3fn, "int8": torch.int8}
@@ -45,7 +45,7 @@ def paged_cache(seq_lens: list[int], kv: str, gen: torch.Generator) -> tuple:
     tokens = sum(seq_lens)
     if kv == "bf16":
         return cache, None, tables.cuda(), tokens * KV_HEADS * HEAD_DIM * 2 * 2
-    codes, scale = quantize_kv(cache, KV_DTYPES[kv])
+    codes, scale = quantize_kv_cache(cache, KV_DTYPES[kv])
     return codes, scale, tables.cuda(), tokens * KV_HEADS * (HEAD_DIM + 4) * 2
 
 

@@ -38,6 +38,7 @@ from rtllm.kernels.kv_tile import (
     paged_kv_scales,
     quant_scores,
     quant_weighted_values,
+    value_code_tile,
 )
 from rtllm.kernels.pdl import allow_dependents, use_pdl, wait_for_producers
 from rtllm.kernels.split_counters import MAX_SPLIT_TILES, split_counters
@@ -94,13 +95,17 @@ def _decode_partial_kernel(
     split = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + seq)
     kv_lo = 0
+    tiles_lo = 0
     if USE_WINDOW:
         kv_lo = tl.maximum(seq_len - sliding_window, 0)
-    # Split [kv_lo, seq_len) into num_splits slices of whole BLOCK_N tiles; trailing
+        # Tiles start at multiples of BLOCK_N (value_code_tile needs it); keys below
+        # kv_lo are masked.
+        tiles_lo = (kv_lo // BLOCK_N) * BLOCK_N
+    # Split [tiles_lo, seq_len) into num_splits slices of whole BLOCK_N tiles; trailing
     # slices may be empty (they report lse = -inf and weigh nothing in the merge).
-    span = seq_len - kv_lo
+    span = seq_len - tiles_lo
     per_split = tl.cdiv(tl.cdiv(span, num_splits), BLOCK_N) * BLOCK_N
-    start = kv_lo + split * per_split
+    start = tiles_lo + split * per_split
     end = tl.minimum(start + per_split, seq_len)
 
     offs_g = tl.arange(0, BLOCK_G)
@@ -123,8 +128,11 @@ def _decode_partial_kernel(
     table_row = block_tables_ptr + seq64 * stride_bt
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < end
-        block = tl.load(table_row + offs_n // TOKENS_PER_BLOCK, mask=n_mask, other=0)
+        n_mask = (offs_n < end) & (offs_n >= kv_lo)
+        # Masked per block, not per key: the keys of one block then share its id, as
+        # value_code_tile's contiguous runs require.
+        block_idx = offs_n // TOKENS_PER_BLOCK
+        block = tl.load(table_row + block_idx, mask=block_idx * TOKENS_PER_BLOCK < seq_len, other=0)
         kv_off = (
             block.to(tl.int64) * stride_c_block
             + (offs_n % TOKENS_PER_BLOCK) * stride_c_tok
@@ -141,15 +149,20 @@ def _decode_partial_kernel(
         else:
             s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2e
         s = tl.where(n_mask[None, :], s, float("-inf"))
-        # Every tile holds >= 1 valid key, so m_new is finite after the first tile.
+        # Every tile holds >= 1 valid key (the first split starts within BLOCK_N of
+        # kv_lo), so m_new is finite after the first tile.
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.math.exp2(s - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_cache_ptr + kv_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
         if QUANT:
+            v = value_code_tile(
+                v_cache_ptr, block, start_n, kv_head, stride_c_block,
+                HEAD_DIM, BLOCK_D, BLOCK_N, TOKENS_PER_BLOCK,
+            )  # fmt: skip
             pv = quant_weighted_values(p, v, v_scale, DOT_DTYPE, DOT_PRECISION)
         else:
+            v = tl.load(v_cache_ptr + kv_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
             pv = tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         acc = acc * alpha[:, None] + pv
         m_i = m_new
@@ -308,10 +321,10 @@ def decode_attention(
             batch, num_heads, num_splits, dtype=torch.float32, device=query.device
         )
     quant = kv_scale is not None
-    # H200 sweep (benchmarks/kv_attention.py, batch 256-512, 256-512 keys): quantized
-    # tiles are best at 2 warps and 3 stages (0.82x -> 1.0x the bf16 kernel's time),
-    # where the bf16 kernel is best at 4 warps and 2.
-    default_warps, default_stages = (2, 3) if quant else (4, 2)
+    # H200 sweep (benchmarks/kv_attention.py, batch 64-512, 256-512 keys): quantized
+    # tiles (V stored transposed) are best at 2 warps and 2 stages (1.25-1.35x faster
+    # than the bf16 kernel), where the bf16 kernel is best at 4 warps and 2.
+    default_warps, default_stages = (2, 2) if quant else (4, 2)
     pdl = use_pdl(query.device)
     scales = kv_scale if quant else kv_cache  # unquantized: never read
     _decode_partial_kernel[(batch, num_kv_heads, num_splits)](

@@ -12,7 +12,13 @@ import torch
 import triton
 import triton.language as tl
 
-from rtllm.kernels.kv_quant import KV_QMAX, check_kv_scale, quantize_kv, raw_view
+from rtllm.kernels.kv_quant import (
+    KV_QMAX,
+    check_kv_scale,
+    quantize_kv,
+    raw_view,
+    value_codes_by_head,
+)
 from rtllm.kernels.pdl import allow_dependents, use_pdl, wait_for_producers
 
 
@@ -106,6 +112,8 @@ def _kv_cache_write_quant_kernel(
     block = slot // TOKENS_PER_BLOCK
     offset = slot % TOKENS_PER_BLOCK
     dst = block * stride_c_block + offset * stride_c_tok + head * stride_c_head + offs_d
+    # V codes are stored transposed per block: [num_kv_heads, head_dim, tokens] (kv_quant).
+    v_dst = block * stride_c_block + (head * HEAD_DIM + offs_d) * TOKENS_PER_BLOCK + offset
     sdst = block * stride_s_block + offset * stride_s_tok + head
     token64 = token.to(tl.int64)
     k = tl.load(key_ptr + token64 * stride_kt + head * stride_kh + offs_d, mask=mask, other=0.0)
@@ -114,7 +122,7 @@ def _kv_cache_write_quant_kernel(
     vq, v_scale = _quantize_row(v.to(tl.float32), QMAX, IS_INT8)
     elem_ty = cache_ptr.dtype.element_ty
     tl.store(cache_ptr + dst, kq.to(elem_ty), mask=mask)
-    tl.store(cache_ptr + stride_c_kv + dst, vq.to(elem_ty), mask=mask)
+    tl.store(cache_ptr + stride_c_kv + v_dst, vq.to(elem_ty), mask=mask)
     tl.store(scale_ptr + sdst, k_scale, mask=slot >= 0)
     tl.store(scale_ptr + stride_s_kv + sdst, v_scale, mask=slot >= 0)
 
@@ -240,10 +248,13 @@ def write_kv_cache_ref(
     tokens_per_block = kv_cache.shape[2]
     blocks, offsets = slots // tokens_per_block, slots % tokens_per_block
     if quantized:
-        for i, x in enumerate((key, value)):
-            codes, scale = quantize_kv(x[keep], kv_cache.dtype)
-            raw_view(kv_cache)[i, blocks, offsets] = raw_view(codes)  # CPU cannot index fp8
-            kv_scale[i, blocks, offsets] = scale
+        # Raw bytes: CPU PyTorch cannot index fp8. V is stored transposed (kv_quant).
+        k_codes, k_scale = quantize_kv(key[keep], kv_cache.dtype)
+        v_codes, v_scale = quantize_kv(value[keep], kv_cache.dtype)
+        raw_view(kv_cache)[0, blocks, offsets] = raw_view(k_codes)
+        value_codes_by_head(kv_cache)[blocks, :, :, offsets] = raw_view(v_codes)
+        kv_scale[0, blocks, offsets] = k_scale
+        kv_scale[1, blocks, offsets] = v_scale
         return
     kv_cache[0, blocks, offsets] = key[keep].to(kv_cache.dtype)
     kv_cache[1, blocks, offsets] = value[keep].to(kv_cache.dtype)

@@ -8,9 +8,22 @@ Design
 A quantized layer cache is a :class:`QuantizedKVCache` pair:
 
 * ``data``: ``[2, num_blocks, tokens_per_block, num_kv_heads, head_dim]`` in
-  ``torch.int8`` or ``torch.float8_e4m3fn`` (the unquantized layout, 1 byte/element);
+  ``torch.int8`` or ``torch.float8_e4m3fn`` (1 byte/element). K codes (index 0) use
+  that layout. **V codes (index 1) are stored transposed within each block**: the
+  block's bytes are ``[num_kv_heads, head_dim, tokens_per_block]`` (tokens fastest;
+  :func:`value_codes_by_head`). The attention kernels feed V to the tensor cores with
+  the keys as the reduction axis, and 8-bit operands load efficiently only along
+  their reduction axis (no 8-bit transposing shared-memory load on Hopper): with V
+  transposed, V tiles load like K tiles (measured on an H200: FP8 decode attention
+  213 -> 158 us at batch 512, ``benchmarks/RESULTS.md``). Block copies move whole
+  blocks, so they do not care; :func:`code_rows` / :func:`store_code_rows` convert
+  from / to logical ``[..., tokens_per_block, num_kv_heads, head_dim]`` rows.
 * ``scale``: ``[2, num_blocks, tokens_per_block, num_kv_heads]`` float32, the
   dequantization scale of each (K or V, token, KV head) row.
+
+Invariant: codes are never NaN. Blocks are zeroed before first use and every code is
+written clamped, so attention may read the unused tail of a block unmasked (its
+probability weight is 0, and 0 times a finite code is 0).
 
 Scales are symmetric and dynamic, one per (token, KV head), computed when the token's
 K/V is written: ``scale = amax(|x|) / QMAX`` over the row's ``head_dim`` values, with
@@ -136,6 +149,40 @@ def check_kv_scale(kv_cache: torch.Tensor, kv_scale: torch.Tensor | None) -> boo
     return True
 
 
+def value_codes_by_head(data: torch.Tensor) -> torch.Tensor:
+    """The V codes of a quantized cache ``data`` as stored: a view ``[num_blocks,
+    num_kv_heads, head_dim, tokens_per_block]`` (float8 as uint8, see :func:`raw_view`)."""
+    _, num_blocks, tokens_per_block, num_kv_heads, head_dim = data.shape
+    return raw_view(data)[1].view(num_blocks, num_kv_heads, head_dim, tokens_per_block)
+
+
+def code_rows(data: torch.Tensor) -> torch.Tensor:
+    """A quantized cache's codes as logical rows ``[2, num_blocks, tokens_per_block,
+    num_kv_heads, head_dim]`` (a copy, ``data``'s dtype): V un-transposed."""
+    rows = raw_view(data).clone()
+    rows[1] = value_codes_by_head(data).permute(0, 3, 1, 2)
+    return rows.view(data.dtype)
+
+
+def store_code_rows(data: torch.Tensor, rows: torch.Tensor) -> None:
+    """Write logical code rows ``[2, num_blocks, tokens_per_block, num_kv_heads,
+    head_dim]`` (``data``'s dtype) into the cache ``data`` (V transposed per block)."""
+    if rows.shape != data.shape or rows.dtype != data.dtype:
+        raise ValueError(f"rows must be {data.dtype} {tuple(data.shape)}, got {rows.dtype} {tuple(rows.shape)}")
+    raw, src = raw_view(data), raw_view(rows)
+    raw[0].copy_(src[0])
+    value_codes_by_head(data).copy_(src[1].permute(0, 2, 3, 1))
+
+
+def quantize_kv_cache(x: torch.Tensor, dtype: torch.dtype) -> QuantizedKVCache:
+    """A float cache ``x`` ``[2, num_blocks, tokens_per_block, num_kv_heads, head_dim]``
+    quantized into the cache layout, exactly as the write kernels store each row."""
+    codes, scale = quantize_kv(x, dtype)
+    data = torch.empty_like(codes)
+    store_code_rows(data, codes)
+    return QuantizedKVCache(data, scale)
+
+
 def quantize_kv(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize rows ``x`` ``[..., head_dim]`` to ``dtype`` codes and float32 scales ``[...]``."""
     qmax = KV_QMAX[dtype]
@@ -156,5 +203,5 @@ def dequantize_kv(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) 
 
 
 def dequantize_kv_cache(layer: QuantizedKVCache, dtype: torch.dtype) -> torch.Tensor:
-    """The whole layer cache dequantized to ``dtype`` (tests, references)."""
-    return dequantize_kv(layer.data, layer.scale, dtype)
+    """The whole layer cache as logical rows dequantized to ``dtype`` (tests, references)."""
+    return dequantize_kv(code_rows(layer.data), layer.scale, dtype)

@@ -16,6 +16,9 @@ in float16, and E4M3 converts to float16 in one instruction per pair on Hopper,
 while a bfloat16 operand costs a conversion through float32 per element (measured:
 the quantized decode kernel was slower than the bf16 one). Queries are clamped to
 float16's range first. float32 queries keep float32 operands.
+
+V codes are stored transposed per block (:func:`value_code_tile`), so both code tiles
+reach the MMA along their reduction axis.
 """
 
 from __future__ import annotations
@@ -60,6 +63,41 @@ def paged_kv_scales(
     k_scale = tl.load(k_scale_ptr + s_off, mask=n_mask, other=0.0)
     v_scale = tl.load(v_scale_ptr + s_off, mask=n_mask, other=0.0)
     return k_scale, v_scale
+
+
+@triton.jit
+def value_code_tile(
+    v_cache_ptr,
+    block,
+    start_n,
+    kv_head,
+    stride_c_block,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    TOKENS_PER_BLOCK: tl.constexpr,
+):
+    """The V codes ``[BLOCK_N, BLOCK_D]`` of keys ``start_n..`` in physical ``block``s,
+    from the per-block transposed layout ``[num_kv_heads, head_dim, tokens]``
+    (:mod:`rtllm.kernels.kv_quant`).
+
+    ``start_n`` must be a multiple of ``min(BLOCK_N, TOKENS_PER_BLOCK)``: each block's
+    run of tokens is then contiguous, and the tile loads as a K-major MMA operand
+    (16-byte loads, no byte-wise transpose). Keys are not masked: past a sequence's end
+    they read finite codes (the cache holds no NaN) that the caller weighs with 0.
+    """
+    RUN: tl.constexpr = BLOCK_N if BLOCK_N < TOKENS_PER_BLOCK else TOKENS_PER_BLOCK
+    VEC: tl.constexpr = RUN if RUN < 16 else 16
+    tok = (start_n + tl.arange(0, BLOCK_N)) % TOKENS_PER_BLOCK
+    offs_d = tl.arange(0, BLOCK_D)
+    row = block.to(tl.int64) * stride_c_block + kv_head * (HEAD_DIM * TOKENS_PER_BLOCK) + tok
+    offs = row[None, :] + offs_d[:, None] * TOKENS_PER_BLOCK
+    offs = tl.max_contiguous(tl.multiple_of(offs, [1, VEC]), [1, RUN])
+    if HEAD_DIM == BLOCK_D:
+        v_t = tl.load(v_cache_ptr + offs)
+    else:
+        v_t = tl.load(v_cache_ptr + offs, mask=(offs_d < HEAD_DIM)[:, None], other=0.0)
+    return tl.trans(v_t)
 
 
 @triton.jit

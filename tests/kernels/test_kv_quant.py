@@ -22,9 +22,12 @@ from rtllm.kernels.kv_cache_write import write_kv_cache, write_kv_cache_ref  # n
 from rtllm.kernels.kv_quant import (  # noqa: E402
     KV_QMAX,
     allocate_kv_layer,
+    code_rows,
     dequantize_kv,
     quantize_kv,
+    quantize_kv_cache,
     raw_view,
+    store_code_rows,
 )
 
 HAS_CUDA = torch.cuda.is_available()
@@ -104,7 +107,7 @@ def test_scale_argument_is_checked(device: torch.device) -> None:
 
 def _quantized(b, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """The batch's float cache quantized as the write kernel would."""
-    codes, scale = quantize_kv(b.kv_cache.cpu().float(), dtype)
+    codes, scale = quantize_kv_cache(b.kv_cache.cpu().float(), dtype)
     return codes.to(b.kv_cache.device), scale.to(b.kv_cache.device)
 
 
@@ -215,3 +218,30 @@ def test_realistic_gpu_prefill_then_decode(paged_batch: Callable, qdtype: torch.
     exact = decode_attention_ref(b.query[700:], b.kv_cache, b.seq_lens[1:], b.block_tables[1:],
                                  128**-0.5)
     _assert_quant_error(dec, exact, qdtype)
+
+
+@pytest.mark.parametrize("qdtype", _write_dtypes())
+def test_value_codes_are_stored_transposed_per_block(device: torch.device, qdtype: torch.dtype) -> None:
+    """K rows keep the [tokens, heads, head_dim] block layout; V codes are stored
+    [heads, head_dim, tokens] per block; code_rows / store_code_rows convert both ways."""
+    tokens_per_block, heads, head_dim = 8, 2, 16
+    gen = torch.Generator().manual_seed(7)
+    key, value = (torch.randn(3, heads, head_dim, generator=gen).to(device) for _ in range(2))
+    slots = torch.tensor([9, 2, 15], dtype=torch.int32, device=device)  # blocks 1, 0, 1
+    layer = allocate_kv_layer(2, tokens_per_block, heads, head_dim, qdtype, device, zero=True)
+    write_kv_cache(key, value, layer.data, slots, layer.scale)
+    # Codes as floats; the GPU may round a boundary value one step apart from torch.
+    k_codes, v_codes = (quantize_kv(x.cpu(), qdtype)[0].float() for x in (key, value))
+    stored = layer.data.cpu().float()
+    by_head = stored[1].reshape(2, heads, head_dim, tokens_per_block)
+    close = {"rtol": 2.0**-3, "atol": 1.0}
+    for row, slot in enumerate(slots.tolist()):
+        block, offset = divmod(slot, tokens_per_block)
+        torch.testing.assert_close(stored[0, block, offset], k_codes[row], **close)
+        torch.testing.assert_close(by_head[block, :, :, offset], v_codes[row], **close)
+    rows = code_rows(layer.data)
+    logical_v = rows.cpu().float()[1].reshape(-1, heads, head_dim)
+    torch.testing.assert_close(logical_v[slots.long().cpu()], v_codes, **close)
+    again = torch.empty_like(layer.data)
+    store_code_rows(again, rows)
+    assert torch.equal(raw_view(again), raw_view(layer.data))

@@ -15,7 +15,6 @@ import torch
 
 from rtllm.kernels.kv_quant import (
     QuantizedKVCache,
-    allocate_kv_layer,
     dequantize_kv_cache,
     kv_cache_parts,
 )
@@ -55,13 +54,9 @@ def _step(spec: AttentionLayerSpec, dtype: torch.dtype, seed: int = 0):
 
 def _quantized_like(prefix: torch.Tensor, qdtype: torch.dtype) -> QuantizedKVCache:
     """``prefix`` stored quantized (through the torch backend's own write path)."""
-    from rtllm.kernels.kv_quant import quantize_kv, raw_view
+    from rtllm.kernels.kv_quant import quantize_kv_cache
 
-    codes, scale = quantize_kv(prefix, qdtype)
-    layer = allocate_kv_layer(*prefix.shape[1:4], prefix.shape[4], qdtype, prefix.device, zero=True)
-    raw_view(layer.data).copy_(raw_view(codes))
-    layer.scale.copy_(scale)
-    return layer
+    return quantize_kv_cache(prefix, qdtype)
 
 
 @pytest.mark.parametrize("qdtype", [torch.int8, FP8])

@@ -26,6 +26,7 @@ from rtllm.kernels.kv_quant import (
     dequantize_kv,
     quantize_kv,
     raw_view,
+    value_codes_by_head,
 )
 from rtllm.layers.attention_backends.base import (
     AttentionBackend,
@@ -163,11 +164,19 @@ def _store_and_gather_quantized(
     data, scale = cache
     _, num_blocks, bs, num_kv_heads, head_dim = data.shape
     raw = raw_view(data)
-    flat = raw.view(2, num_blocks * bs, num_kv_heads, head_dim)
+    flat_keys = raw[0].view(num_blocks * bs, num_kv_heads, head_dim)
     flat_scale = scale.view(2, num_blocks * bs, num_kv_heads)
-    for i, rows in enumerate((key, value)):
-        codes, row_scale = quantize_kv(rows, data.dtype)
-        flat[i].index_copy_(0, metadata.slot_mapping, raw_view(codes))
-        flat_scale[i].index_copy_(0, metadata.slot_mapping, row_scale)
-    codes = raw.index_select(1, metadata.block_ids).view(data.dtype)
-    return dequantize_kv(codes, scale.index_select(1, metadata.block_ids), dtype)
+    k_codes, k_scale = quantize_kv(key, data.dtype)
+    v_codes, v_scale = quantize_kv(value, data.dtype)
+    flat_keys.index_copy_(0, metadata.slot_mapping, raw_view(k_codes))
+    # V codes are stored transposed per block, [Hkv, D, tokens] (kv_quant).
+    slots = metadata.slot_mapping.long()
+    values_by_head = value_codes_by_head(data)
+    values_by_head[slots // bs, :, :, slots % bs] = raw_view(v_codes)
+    flat_scale[0].index_copy_(0, metadata.slot_mapping, k_scale)
+    flat_scale[1].index_copy_(0, metadata.slot_mapping, v_scale)
+    blocks = metadata.block_ids
+    codes = torch.stack(
+        (raw[0].index_select(0, blocks), values_by_head.index_select(0, blocks).permute(0, 3, 1, 2))
+    ).view(data.dtype)
+    return dequantize_kv(codes, scale.index_select(1, blocks), dtype)
