@@ -7,6 +7,7 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -18,7 +19,7 @@ from rtllm.engine.stats import IterationStatsCollector
 from rtllm.executor.executor import GenerationExecutor
 from rtllm.executor.output_processor import OutputProcessor
 from rtllm.executor.request import GenerationRequest, to_sampling_config
-from rtllm.executor.result import GenerationResult, Response
+from rtllm.executor.result import GenerationResult, Response, push_responses
 
 logger = logging.getLogger(__name__)
 
@@ -36,8 +37,12 @@ class InProcessExecutor(GenerationExecutor):
         default_end_ids: tuple[int, ...],
         kv_events: KVCacheEventBuffer | None = None,
         iter_stats: IterationStatsCollector | None = None,
+        deliver: Callable[[list[tuple[GenerationResult, Response]]], None] = push_responses,
     ) -> None:
+        """``deliver`` hands each step's responses to their results (by default into
+        the results' queues of this process; a worker process forwards them instead)."""
         self.engine = engine
+        self._deliver = deliver
         self.default_end_ids = default_end_ids
         self.kv_events = kv_events
         self.iter_stats = iter_stats
@@ -154,7 +159,7 @@ class InProcessExecutor(GenerationExecutor):
         finally:
             self.engine.shutdown()
             for request_id, result in list(self._results.items()):
-                result._push(Response([], finished=True, finish_reason=FinishReason.CANCELLED.value))
+                self._deliver([(result, Response([], finished=True, finish_reason=FinishReason.CANCELLED.value))])
                 self._results.pop(request_id, None)
             # Requests submitted after the loop stopped reading the inbox.
             while True:
@@ -163,7 +168,7 @@ class InProcessExecutor(GenerationExecutor):
                 except queue.Empty:
                     break
                 if isinstance(item, tuple) and item[0] == "submit":
-                    item[2]._push(Response([], finished=True, finish_reason=FinishReason.CANCELLED.value))
+                    self._deliver([(item[2], Response([], finished=True, finish_reason=FinishReason.CANCELLED.value))])
 
     def _drain_inbox(self, block: bool) -> bool:
         """Take in new requests and aborts; returns False on shutdown."""
@@ -198,7 +203,7 @@ class InProcessExecutor(GenerationExecutor):
             self._results[request.request_id] = result
         except Exception as exc:  # noqa: BLE001
             logger.exception("could not add request %d", request.request_id)
-            result._push(Response([], finished=True, finish_reason="error", error=str(exc)))
+            self._deliver([(result, Response([], finished=True, finish_reason="error", error=str(exc)))])
 
     def _abort(self, client_id: int) -> None:
         cancelled = self.engine.finish_client_request(client_id, FinishReason.CANCELLED)
@@ -206,7 +211,7 @@ class InProcessExecutor(GenerationExecutor):
             result = self._results.pop(client_id, None)
             self._outputs.remove(client_id)
             if result is not None:
-                result._push(Response([], finished=True, finish_reason=FinishReason.CANCELLED.value))
+                self._deliver([(result, Response([], finished=True, finish_reason=FinishReason.CANCELLED.value))])
 
     def _fail_all(self, message: str) -> list[RequestUpdate]:
         updates = []
@@ -219,6 +224,7 @@ class InProcessExecutor(GenerationExecutor):
         return updates
 
     def _dispatch(self, updates: list[RequestUpdate]) -> None:
+        deliveries: list[tuple[GenerationResult, Response]] = []
         for update in updates:
             client_id = update.client_request_id
             result = self._results.get(client_id)
@@ -238,4 +244,5 @@ class InProcessExecutor(GenerationExecutor):
                 done = response.finished if response.request_finished is None else response.request_finished
                 if done:  # its state was dropped by process() (or above)
                     self._results.pop(client_id, None)
-                result._push(response)
+                deliveries.append((result, response))
+        self._deliver(deliveries)

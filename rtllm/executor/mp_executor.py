@@ -30,7 +30,7 @@ from rtllm.engine.engine import EngineLimits, validate_request
 from rtllm.executor import ipc
 from rtllm.executor.executor import GenerationExecutor
 from rtllm.executor.request import GenerationRequest
-from rtllm.executor.result import GenerationResult, Response
+from rtllm.executor.result import GenerationResult, Response, push_responses
 from rtllm.executor.worker import WorkerConfig, worker_main
 
 logger = logging.getLogger(__name__)
@@ -253,6 +253,7 @@ class MultiProcessExecutor(GenerationExecutor):
                 continue
             kind = message[0]
             if kind == "responses":
+                deliveries: list[tuple[GenerationResult, Response]] = []
                 with self._cond:
                     results = self._results
                     for item in message[1]:
@@ -263,7 +264,8 @@ class MultiProcessExecutor(GenerationExecutor):
                         done = response.finished if response.request_finished is None else response.request_finished
                         if done:
                             results.pop(request_id, None)
-                        result._push(response)
+                        deliveries.append((result, response))
+                    push_responses(deliveries)
             elif kind == "ack":
                 with self._cond:
                     self._acks[message[1]] = [message[2], message[3]]

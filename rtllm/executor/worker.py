@@ -151,13 +151,11 @@ def _serve(built: Any, runner: Any, channel: ipc.Channel, cfg: WorkerConfig) -> 
 
     sender = _Sender(channel)
 
-    def forward(result: GenerationResult, response: Response) -> None:
-        sender.queue.put(("resp", result.request_id, response))
-
-    # Every result in this process belongs to the proxy: its deltas are forwarded by
-    # request id instead of being queued here (set before any request exists, so no
-    # delta can slip past).
-    GenerationResult._push = forward  # type: ignore[method-assign]
+    def forward(deliveries: list[tuple[GenerationResult, Response]]) -> None:
+        # Every result in this process belongs to the proxy: its deltas are forwarded
+        # by request id instead of being queued here.
+        for result, response in deliveries:
+            sender.queue.put(("resp", result.request_id, response))
 
     def on_failure(exc: BaseException) -> None:
         # A peer is gone: the proxy names it (it watches the processes); the engine's
@@ -166,7 +164,7 @@ def _serve(built: Any, runner: Any, channel: ipc.Channel, cfg: WorkerConfig) -> 
         sender.queue.put(("comm_failure", 0, f"{type(exc).__name__}: {exc}"))
 
     runner.on_failure = on_failure
-    executor = InProcessExecutor(built.engine, built.tokenizer, built.end_ids)
+    executor = InProcessExecutor(built.engine, built.tokenizer, built.end_ids, deliver=forward)
     runner.start_heartbeat()
     limits = built.engine.limits
     kv_cache = built.engine.kv_cache

@@ -34,17 +34,23 @@ BS = 8
 QUERY_LENS, CONTEXT_LENS = [1, 9, 1, 4], [20, 0, 5, 33]
 
 
-def _step(spec: AttentionLayerSpec, dtype: torch.dtype, seed: int = 0):
-    seq_lens = [q + c for q, c in zip(QUERY_LENS, CONTEXT_LENS, strict=True)]
+def _step(
+    spec: AttentionLayerSpec,
+    dtype: torch.dtype,
+    seed: int = 0,
+    query_lens: list[int] = QUERY_LENS,
+    context_lens: list[int] = CONTEXT_LENS,
+):
+    seq_lens = [q + c for q, c in zip(query_lens, context_lens, strict=True)]
     counts = [-(-s // BS) for s in seq_lens]
     perm = torch.randperm(sum(counts) + 1, generator=torch.Generator().manual_seed(seed)).tolist()
     tables, used = [], 0
     for n in counts:
         tables.append(perm[used : used + n])
         used += n
-    inputs = StepAttentionInputs(QUERY_LENS, CONTEXT_LENS, tables, BS, DEVICE)
+    inputs = StepAttentionInputs(query_lens, context_lens, tables, BS, DEVICE)
     gen = torch.Generator().manual_seed(seed + 1)
-    t, d = sum(QUERY_LENS), spec.head_dim
+    t, d = sum(query_lens), spec.head_dim
     q, k, v = (torch.randn(t, h, d, generator=gen).to(DEVICE, dtype)
                for h in (spec.num_heads, spec.num_kv_heads, spec.num_kv_heads))
     # The cached prefix: random float K/V, written once through the torch backend's path.
@@ -147,6 +153,47 @@ def test_triton_backend_fresh_prompts_attend_unquantized(qdtype: torch.dtype) ->
     assert ((triton_layer.data.float() - torch_layer.data.float()).abs() <= code_step).all()
     # ... and the torch backend (the reference emulation) attended over those codes.
     assert (quantized - out).abs().max() > 0
+
+
+@pytest.mark.parametrize("qdtype", [torch.int8, pytest.param(FP8, marks=requires_cuda)])
+@pytest.mark.parametrize(
+    ("query_lens", "context_lens", "cached_is_decode"),
+    [([1, 1, 7, 5], [20, 5, 0, 0], True), ([4, 9], [33, 0], False)],
+    ids=["decodes-then-prompts", "chunk-then-prompt"],
+)
+def test_triton_backend_mixed_step_fresh_prompts_apart(
+    qdtype: torch.dtype, query_lens: list[int], context_lens: list[int], cached_is_decode: bool
+) -> None:
+    """In a mixed step over a quantized cache, the trailing fresh prompts attend over
+    their own float K/V while the sequences before them read the codes (decode kernel
+    when each has one new token, context kernel otherwise), as the torch backend does."""
+    pytest.importorskip("triton")
+    from rtllm.kernels.context_attention import reference_attention
+    from rtllm.layers.attention_backends.triton_backend import TritonAttentionBackend
+
+    spec = AttentionLayerSpec(8, 2, 64, 64**-0.5)
+    inputs, q, k, v, prefix = _step(spec, torch.float32, 3, query_lens, context_lens)
+    num_cached = sum(1 for c in context_lens if c)
+    assert inputs.fresh_prompt_start == num_cached and not inputs.fresh_prompts
+    torch_layer, triton_layer = _quantized_like(prefix, qdtype), _quantized_like(prefix, qdtype)
+    backend, torch_backend = TritonAttentionBackend(), TorchAttentionBackend()
+    metadata = backend.build_metadata(inputs)
+    assert metadata.fresh_start == num_cached and metadata.cached_is_decode == cached_is_decode
+    out = backend.forward(spec, q, k, v, triton_layer, metadata)
+    over_codes = torch_backend.forward(spec, q, k, v, torch_layer, torch_backend.build_metadata(inputs))
+    start = 0
+    for n, c in zip(query_lens, context_lens, strict=True):
+        rows = slice(start, start + n)
+        if c:
+            torch.testing.assert_close(out[rows], over_codes[rows], rtol=1e-4, atol=1e-4)
+        else:
+            expected = reference_attention(q[rows], k[rows], v[rows], 0, spec.scale)
+            torch.testing.assert_close(out[rows], expected, rtol=1e-4, atol=1e-4)
+            assert (over_codes[rows] - out[rows]).abs().max() > 0  # the codes were not read
+        start += n
+    # A fresh prompt that is not at the end of the step leaves the step to the context kernel.
+    assert StepAttentionInputs([9, 1], [0, 5], [[0, 1], [2]], BS, DEVICE).fresh_prompt_start == 2
+    assert backend.build_metadata(StepAttentionInputs([9, 1], [0, 5], [[0, 1], [2]], BS, DEVICE)).fresh_start is None
 
 
 def _runner(kv_dtype: torch.dtype | None) -> ModelRunner:

@@ -56,6 +56,17 @@ class StepAttentionInputs:
         return [c + q for c, q in zip(self.context_lens, self.query_lens, strict=True)]
 
     @property
+    def fresh_prompt_start(self) -> int:
+        """Index of the first of the trailing sequences with no cached prefix (prompts
+        whose every key is this step's own), ``len(query_lens)`` when there are none.
+        The scheduler places running generations before new prompts, so in a mixed step
+        these are the step's new prompts."""
+        start = len(self.context_lens)
+        while start and self.context_lens[start - 1] == 0:
+            start -= 1
+        return start
+
+    @property
     def fresh_prompts(self) -> bool:
         """A prompt step in which no sequence has a cached prefix (and not every sequence
         has one token): every key is this step's own. Over a quantized cache the Triton

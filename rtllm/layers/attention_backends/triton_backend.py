@@ -24,6 +24,7 @@ query stays in the model dtype.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -57,11 +58,26 @@ class TritonAttentionMetadata:
     # replays.
     max_seq_len: int | None
     is_decode: bool  # every sequence has exactly one new token
-    # StepAttentionInputs.fresh_prompts: over a quantized cache the step attends over its
-    # fresh 16-bit K/V (rtllm.kernels.prompt_attention), through token tables built on
-    # first use and shared by the step's layers.
-    fresh_prompts: bool = False
+    # Over a quantized cache, the trailing sequences [fresh_start, batch) of a step that
+    # is not decode-only are prompts with no cached prefix
+    # (StepAttentionInputs.fresh_prompt_start): they attend over their own 16-bit K/V
+    # (rtllm.kernels.prompt_attention, through token tables built on first use and
+    # shared by the step's layers), from token fresh_first_token on, while the
+    # sequences before them read the codes (the decode kernel when each has one new
+    # token, else the context kernel). fresh_start is None: no such part.
+    fresh_start: int | None = None
+    fresh_first_token: int = 0
+    fresh_cu_seqlens_q: torch.Tensor | None = None  # [batch - fresh_start + 1], from 0
+    fresh_max_query_len: int = 0
+    cached_is_decode: bool = True  # every sequence before fresh_start has one new token
+    cached_max_query_len: int = 0
+    cached_max_seq_len: int = 0
     prompt_tables: torch.Tensor | None = None
+
+    @property
+    def fresh_prompts(self) -> bool:
+        """Every sequence is a fresh prompt (StepAttentionInputs.fresh_prompts)."""
+        return self.fresh_start == 0
 
 
 def _pinned(n: int, device: torch.device) -> torch.Tensor:
@@ -71,19 +87,27 @@ def _pinned(n: int, device: torch.device) -> torch.Tensor:
 def _host_indices(
     inputs: StepAttentionInputs, max_blocks: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Host int64 (slot_mapping, block_tables, cu_seqlens_q, seq_lens, context_lens)."""
+    """Host int64 (slot_mapping, block_tables, cu_seqlens_q, seq_lens, context_lens).
+
+    Built with a few whole-batch tensor operations: a per-sequence tensor or element
+    access costs microseconds each, milliseconds per step at hundreds of sequences.
+    """
     bs = inputs.tokens_per_block
     batch = len(inputs.query_lens)
+    num_blocks = [len(table) for table in inputs.block_tables]
+    for i, (n, q, c) in enumerate(zip(num_blocks, inputs.query_lens, inputs.context_lens, strict=True)):
+        if n * bs < q + c:
+            raise ValueError(f"sequence {i}: {n} blocks cannot hold {q + c} tokens")
     query_lens = torch.tensor(inputs.query_lens, dtype=torch.long)
     context_lens = torch.tensor(inputs.context_lens, dtype=torch.long)
     seq_lens = query_lens + context_lens
     tables = torch.zeros(batch, max_blocks, dtype=torch.long)
-    for i, table in enumerate(inputs.block_tables):
-        if len(table) * bs < int(seq_lens[i]):
-            raise ValueError(
-                f"sequence {i}: {len(table)} blocks cannot hold {int(seq_lens[i])} tokens"
-            )
-        tables[i, : len(table)] = torch.tensor(table, dtype=torch.long)
+    flat = torch.tensor(list(itertools.chain.from_iterable(inputs.block_tables)), dtype=torch.long)
+    if flat.numel():
+        blocks_per_seq = torch.tensor(num_blocks, dtype=torch.long)
+        row = torch.repeat_interleave(torch.arange(batch), blocks_per_seq)
+        first = torch.cumsum(blocks_per_seq, 0) - blocks_per_seq  # each row's first index in flat
+        tables[row, torch.arange(flat.numel()) - first[row]] = flat
     cu = torch.zeros(batch + 1, dtype=torch.long)
     torch.cumsum(query_lens, 0, out=cu[1:])
     num_tokens = int(cu[-1])
@@ -159,12 +183,17 @@ class TritonAttentionBackend(AttentionBackend):
         max_blocks = max(1, max((len(t) for t in inputs.block_tables), default=1))
         slots, tables, cu, seq_lens, context_lens = _host_indices(inputs, max_blocks)
         num_tokens = slots.shape[0]
+        query_lens = inputs.query_lens
+        is_decode = batch > 0 and all(q == 1 for q in query_lens)
+        start = batch if is_decode else inputs.fresh_prompt_start
+        fresh_cu = cu[start:] - cu[start]
         # One host buffer, one host-to-device copy; the fields are views of the result.
-        sizes = [num_tokens, batch * max_blocks, batch + 1, batch, batch]
+        sizes = [num_tokens, batch * max_blocks, batch + 1, batch, batch, fresh_cu.shape[0]]
         host = _pinned(sum(sizes), device)
-        torch.cat([slots, tables.flatten(), cu, seq_lens, context_lens], out=host)
+        torch.cat([slots, tables.flatten(), cu, seq_lens, context_lens, fresh_cu], out=host)
         packed = host.to(device, non_blocking=True)
-        slot_mapping, flat_tables, cu_d, seq_lens_d, context_lens_d = packed.split(sizes)
+        slot_mapping, flat_tables, cu_d, seq_lens_d, context_lens_d, fresh_cu_d = packed.split(sizes)
+        cached = query_lens[:start]
         return TritonAttentionMetadata(
             slot_mapping=slot_mapping,
             block_tables=flat_tables.view(batch, max_blocks),
@@ -175,8 +204,14 @@ class TritonAttentionBackend(AttentionBackend):
             num_tokens=num_tokens,
             max_query_len=max(inputs.query_lens, default=0),
             max_seq_len=int(seq_lens.max()) if batch else 0,
-            is_decode=batch > 0 and all(q == 1 for q in inputs.query_lens),
-            fresh_prompts=inputs.fresh_prompts,
+            is_decode=is_decode,
+            fresh_start=start if start < batch else None,
+            fresh_first_token=int(cu[start]),
+            fresh_cu_seqlens_q=fresh_cu_d,
+            fresh_max_query_len=max(query_lens[start:], default=0),
+            cached_is_decode=all(q == 1 for q in cached),
+            cached_max_query_len=max(cached, default=0),
+            cached_max_seq_len=int(seq_lens[:start].max()) if start else 0,
         )
 
     def build_decode_metadata_into(
@@ -266,22 +301,8 @@ class TritonAttentionBackend(AttentionBackend):
         in_dtype = query.dtype
         if kv_scale is None and in_dtype != kv_cache.dtype:
             query = query.to(kv_cache.dtype)
-        if kv_scale is not None and metadata.fresh_prompts:
-            if metadata.prompt_tables is None:
-                metadata.prompt_tables = prompt_token_tables(
-                    metadata.cu_seqlens_q, metadata.max_query_len
-                )
-            out = prompt_attention(
-                query,
-                key,
-                value,
-                metadata.cu_seqlens_q,
-                metadata.seq_lens,
-                metadata.prompt_tables,
-                metadata.max_query_len,
-                spec.scale,
-                spec.sliding_window,
-            )
+        if kv_scale is not None and metadata.fresh_start is not None:
+            out = _attend_fresh_prompts_apart(spec, query, key, value, kv_cache, kv_scale, metadata)
         elif metadata.is_decode:
             out = decode_attention(
                 query,
@@ -306,3 +327,39 @@ class TritonAttentionBackend(AttentionBackend):
                 kv_scale=kv_scale,
             )
         return out if out.dtype == in_dtype else out.to(in_dtype)
+
+
+def _attend_fresh_prompts_apart(
+    spec: AttentionLayerSpec,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    kv_cache: torch.Tensor,
+    kv_scale: torch.Tensor,
+    metadata: TritonAttentionMetadata,
+) -> torch.Tensor:
+    """A quantized cache's step with fresh prompts: they attend over their own 16-bit
+    K/V, the sequences before them over the codes (see ``TritonAttentionMetadata``)."""
+    s, t0 = metadata.fresh_start, metadata.fresh_first_token
+    assert s is not None and metadata.fresh_cu_seqlens_q is not None
+    out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
+    if metadata.prompt_tables is None:
+        metadata.prompt_tables = prompt_token_tables(metadata.fresh_cu_seqlens_q, metadata.fresh_max_query_len)
+    prompt_attention(
+        query[t0:], key[t0:], value[t0:], metadata.fresh_cu_seqlens_q, metadata.seq_lens[s:],
+        metadata.prompt_tables, metadata.fresh_max_query_len, spec.scale, spec.sliding_window, out=out[t0:],
+    )  # fmt: skip
+    if s == 0:
+        return out
+    if metadata.cached_is_decode:
+        decode_attention(
+            query[:t0], kv_cache, metadata.seq_lens[:s], metadata.block_tables[:s], spec.scale,
+            spec.sliding_window, max_seq_len=metadata.cached_max_seq_len, out=out[:t0], kv_scale=kv_scale,
+        )  # fmt: skip
+    else:
+        context_attention(
+            query[:t0], kv_cache, metadata.cu_seqlens_q[: s + 1], metadata.seq_lens[:s],
+            metadata.block_tables[:s], metadata.cached_max_query_len, spec.scale, spec.sliding_window,
+            out=out[:t0], kv_scale=kv_scale,
+        )  # fmt: skip
+    return out
