@@ -5,7 +5,9 @@
         [--quant-group-size 128] [--rows 25]
 
 Runs the workload twice (warm-up: CUDA graphs, kernel tuning), times the second run,
-then profiles a third. With ``--output-len 1`` the profile is the prefill alone.
+then profiles a third. Each run has prompts of its own, so no run hits the prefix
+cache of an earlier one (as in ``rtllm bench throughput``). With ``--output-len 1`` the
+profile is the prefill alone.
 """
 
 from __future__ import annotations
@@ -40,17 +42,20 @@ def main() -> None:
     llm = LLM(args.model, load_format="dummy", skip_tokenizer_init=True, quant_config=quant,
               max_batch_size=max(8, args.batch),
               cuda_graph_config=CudaGraphConfig(max_batch_size=max(8, args.batch)))
-    prompts = [[(7 * i + j) % 1000 + 10 for j in range(args.input_len)] for i in range(args.batch)]
+
+    def prompts(run: int) -> list[list[int]]:
+        return [[(7 * i + 13 * run + j) % 1000 + 10 for j in range(args.input_len)] for i in range(args.batch)]
+
     params = SamplingParams(max_tokens=args.output_len, ignore_eos=True)
-    llm.generate(prompts, params, use_tqdm=False)
+    llm.generate(prompts(0), params, use_tqdm=False)
     torch.cuda.synchronize()
     start = time.perf_counter()
-    llm.generate(prompts, params, use_tqdm=False)
+    llm.generate(prompts(1), params, use_tqdm=False)
     torch.cuda.synchronize()
     print(f"batch {args.batch} x ({args.input_len} in, {args.output_len} out): "
           f"{time.perf_counter() - start:.3f} s, quant {args.quant_algo} kv {args.kv_cache_quant_algo}")
     with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
-        llm.generate(prompts, params, use_tqdm=False)
+        llm.generate(prompts(2), params, use_tqdm=False)
         torch.cuda.synchronize()
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows,
                                     max_name_column_width=90))

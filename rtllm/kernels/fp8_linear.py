@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 from rtllm.quantization import rtn
-from rtllm.quantization.rtn import FP8_DTYPE, quantize_fp8
+from rtllm.quantization.rtn import FP8_DTYPE, Fp8Tokens, quantize_fp8
 
 _OUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -122,7 +122,7 @@ def _check(x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor) -> None:
 
 
 def fp8_linear_ref(
-    x: torch.Tensor,
+    x: torch.Tensor | Fp8Tokens,
     w_fp8: torch.Tensor,
     w_scale: torch.Tensor,
     input_scale: torch.Tensor | float | None = None,
@@ -132,20 +132,26 @@ def fp8_linear_ref(
     """PyTorch reference of :func:`fp8_linear` (any device): both operands rounded to
     FP8 as the GEMM sees them, dequantized and multiplied in float32, bias added in
     float32, one rounding to ``out_dtype`` (default ``x``'s dtype)."""
-    _check(x, w_fp8, torch.as_tensor(w_scale))
-    if input_scale is None:
+    if isinstance(x, Fp8Tokens):
+        _check(x.codes, w_fp8, torch.as_tensor(w_scale))
+        xq, x_scale, x_dtype = x
+    elif input_scale is None:
+        _check(x, w_fp8, torch.as_tensor(w_scale))
         xq, x_scale = rtn.quantize_per_token_fp8(x)
+        x_dtype = x.dtype
     else:
+        _check(x, w_fp8, torch.as_tensor(w_scale))
         x_scale = torch.as_tensor(input_scale, dtype=torch.float32, device=x.device)
         xq = quantize_fp8(x, x_scale)
-    ws = torch.as_tensor(w_scale, dtype=torch.float32, device=x.device).reshape(-1, 1)
+        x_dtype = x.dtype
+    ws = torch.as_tensor(w_scale, dtype=torch.float32, device=xq.device).reshape(-1, 1)
     w = w_fp8.float() * ws
     y = F.linear(xq.float() * x_scale, w, None if bias is None else bias.float())
-    return y.to(out_dtype or x.dtype)
+    return y.to(out_dtype or x_dtype)
 
 
 def fp8_linear(
-    x: torch.Tensor,
+    x: torch.Tensor | Fp8Tokens,
     w_fp8: torch.Tensor,
     w_scale: torch.Tensor,
     input_scale: torch.Tensor | float | None = None,
@@ -156,7 +162,8 @@ def fp8_linear(
     """FP8 linear (module docstring for devices and layouts).
 
     Args:
-        x: ``[..., K]`` float16/bfloat16/float32 activations.
+        x: ``[..., K]`` float16/bfloat16/float32 activations, or :class:`Fp8Tokens`
+            ``[M, K]`` already quantized per token (then ``input_scale`` must be None).
         w_fp8: float8_e4m3fn ``[N, K]``, contiguous.
         w_scale: float32 per-tensor (0-dim or 1 element) or per-channel (``[N]`` or
             ``[N, 1]``) weight scale.
@@ -172,14 +179,18 @@ def fp8_linear(
         NotImplementedError: on a CUDA device without FP8 (capability < 8.9).
     """
     w_scale = torch.as_tensor(w_scale)
-    _check(x, w_fp8, w_scale)
+    prequantized = isinstance(x, Fp8Tokens)
+    if prequantized and input_scale is not None:
+        raise ValueError("input_scale must be None for activations already quantized per token")
+    _check(x.codes if prequantized else x, w_fp8, w_scale)
     out_dtype = out_dtype or x.dtype
     if out_dtype not in _OUT_DTYPES:
         raise ValueError(f"out_dtype must be float16, bfloat16 or float32, got {out_dtype}")
-    if x.device.type != "cuda":
+    device = x.codes.device if prequantized else x.device
+    if device.type != "cuda":
         return fp8_linear_ref(x, w_fp8, w_scale, input_scale, bias, out_dtype)
-    if not fp8_supported(x.device):
-        cap = torch.cuda.get_device_capability(x.device)
+    if not fp8_supported(device):
+        cap = torch.cuda.get_device_capability(device)
         raise NotImplementedError(
             f"FP8 GEMMs need compute capability >= 8.9, this GPU is sm_{cap[0]}{cap[1]}: "
             "dequantize the FP8 weights at load time or use W8A16 instead"
@@ -189,16 +200,23 @@ def fp8_linear(
         raise ValueError(f"_scaled_mm needs K and N multiples of 16, got K={k}, N={n}")
     if not w_fp8.is_contiguous():
         raise ValueError("w_fp8 must be contiguous [N, K] (its transpose is the column-major B)")
-    x2 = x.reshape(-1, k)
-    if not x2.is_contiguous():
-        x2 = x2.contiguous()
-    m = x2.shape[0]
-    w_scale = w_scale.to(device=x.device, dtype=torch.float32)
-    if input_scale is not None:
-        a_scale = torch.as_tensor(input_scale, dtype=torch.float32, device=x.device).reshape(())
-        xq = quantize_fp8(x2, a_scale)
+    w_scale = w_scale.to(device=device, dtype=torch.float32)
+    if prequantized:
+        xq, a_scale, _ = x
+        lead_shape = xq.shape[:-1]
+        if xq.dim() != 2 or not xq.is_contiguous() or a_scale.shape != (xq.shape[0], 1):
+            raise ValueError("Fp8Tokens must hold contiguous codes [M, K] and scales [M, 1]")
     else:
-        xq, a_scale = quantize_per_token_fp8(x2)
+        lead_shape = x.shape[:-1]
+        x2 = x.reshape(-1, k)
+        if not x2.is_contiguous():
+            x2 = x2.contiguous()
+        if input_scale is not None:
+            a_scale = torch.as_tensor(input_scale, dtype=torch.float32, device=device).reshape(())
+            xq = quantize_fp8(x2, a_scale)
+        else:
+            xq, a_scale = quantize_per_token_fp8(x2)
+    m = xq.shape[0]
     if a_scale.dim() == 0 and w_scale.numel() == 1:
         y = torch._scaled_mm(
             xq,
@@ -227,10 +245,11 @@ def fp8_linear(
             y = y.to(out_dtype)
     if bias is not None:
         y = y + bias.to(out_dtype)
-    return y.reshape(*x.shape[:-1], n)
+    return y.reshape(*lead_shape, n)
 
 
 __all__ = [
+    "Fp8Tokens",
     "fp8_linear",
     "fp8_linear_ref",
     "fp8_supported",

@@ -9,6 +9,11 @@ Numerics follow Hugging Face's ``LlamaRMSNorm`` (and :class:`rtllm.layers.norm.R
   16-bit floats is exact in float32, so doing it in float32 and rounding once gives
   the same bits as PyTorch's 16-bit multiply.
 
+With ``fp8_out`` the kernel also quantizes its output per token to FP8 E4M3 (the
+input of an FP8 linear, :class:`rtllm.quantization.rtn.Fp8Tokens`): the codes and
+scales equal :func:`rtllm.kernels.fp8_linear.quantize_per_token_fp8` of the unfused
+output bit for bit, without writing and re-reading the 16-bit row.
+
 Rows may be strided: ``x`` is ``[rows, N]`` or ``[T, H, N]`` (rows = ``T * H``, e.g. the
 per-head q/k norm of Qwen3 over a view into a fused QKV buffer); only the last dim
 has to be contiguous.
@@ -20,10 +25,13 @@ import torch
 import triton
 import triton.language as tl
 
+from rtllm.kernels.fp8_linear import _fp8_codes
 from rtllm.kernels.pdl import allow_dependents, use_pdl, wait_for_producers
+from rtllm.quantization.rtn import FP8_DTYPE, Fp8Tokens
 
 _SUPPORTED = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_BLOCK_N = 65536  # one tile holds a whole row
+_TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
 
 @triton.jit(do_not_specialize=["n_rows"])
@@ -33,6 +41,7 @@ def _rms_norm_kernel(
     w_ptr,
     out_ptr,
     res_out_ptr,
+    scale_ptr,
     n_rows,
     eps,
     stride_x0,
@@ -49,6 +58,8 @@ def _rms_norm_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     USE_PDL: tl.constexpr,
+    QUANT_FP8: tl.constexpr,
+    OUT_TY: tl.constexpr,
 ):
     wait_for_producers(USE_PDL)
     allow_dependents(USE_PDL)
@@ -77,7 +88,16 @@ def _rms_norm_kernel(
     w = tl.load(w_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)
     y = w[None, :] * normed
     o_offs = (token * stride_o0 + head * stride_o1)[:, None] + cols[None, :]
-    tl.store(out_ptr + o_offs, y.to(out_ptr.dtype.element_ty), mask=mask)
+    if QUANT_FP8:
+        # Quantize the row as the unfused kernel would have stored it (rounded to
+        # OUT_TY), with quantize_per_token_fp8's rule: scale = amax / 448, or 1.
+        y = y.to(OUT_TY).to(tl.float32)
+        amax = tl.max(tl.abs(y), axis=1)
+        scale = tl.where(amax > 0.0, amax * (1.0 / 448.0), 1.0)
+        tl.store(scale_ptr + rows, scale, mask=rows < n_rows)
+        tl.store(out_ptr + o_offs, _fp8_codes(y, scale[:, None]), mask=mask)
+    else:
+        tl.store(out_ptr + o_offs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def _as_rows(t: torch.Tensor) -> tuple[int, int, int, int]:
@@ -126,7 +146,8 @@ def rms_norm(
     residual: torch.Tensor | None = None,
     *,
     inplace: bool = False,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    fp8_out: bool = False,
+) -> torch.Tensor | Fp8Tokens | tuple[torch.Tensor | Fp8Tokens, torch.Tensor]:
     """RMS-normalize the rows of ``x``; with ``residual``, add it first.
 
     Args:
@@ -137,15 +158,25 @@ def rms_norm(
         residual: same shape and dtype as ``x`` (strides free), or ``None``.
         inplace: write the output into ``x`` and the new residual into ``residual``
             (the output dtype must then equal ``x.dtype``).
+        fp8_out: return the output quantized per token (2-D ``x`` on a GPU with FP8,
+            not with ``inplace``).
 
     Returns:
         ``out`` without ``residual``; else ``(out, x + residual)``, both shaped like ``x``.
+        With ``fp8_out``, ``out`` is :class:`Fp8Tokens` (its ``dtype`` the output dtype).
     """
     out_dtype = _check_inputs(x, weight, residual, inplace)
+    if fp8_out and (inplace or x.dim() != 2):
+        raise ValueError("fp8_out takes a 2-D x and no inplace")
+    scale = x  # unused by the kernel without fp8_out
+    if fp8_out:
+        out = torch.empty(x.shape, dtype=FP8_DTYPE, device=x.device)
+        scale = torch.empty(x.shape[0], 1, dtype=torch.float32, device=x.device)
     if inplace:
         out, res_out = x, residual
     else:
-        out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+        if not fp8_out:
+            out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
         res_out = (
             None if residual is None else torch.empty_like(x, memory_format=torch.contiguous_format)
         )
@@ -166,6 +197,7 @@ def rms_norm(
             weight,
             out,
             res_out if res_out is not None else out,
+            scale,
             n_rows,
             float(eps),
             sx0,
@@ -181,9 +213,13 @@ def rms_norm(
             BLOCK_M=block_m,
             BLOCK_N=block_n,
             USE_PDL=pdl,
+            QUANT_FP8=fp8_out,
+            OUT_TY=_TL_DTYPES[out_dtype],
             num_warps=max(1, min(16, block_m * block_n // 256)),
             launch_pdl=pdl,
         )
+    if fp8_out:
+        out = Fp8Tokens(out, scale, out_dtype)
     if residual is None:
         return out
     assert res_out is not None

@@ -29,6 +29,7 @@ from torch import nn
 
 from rtllm.quantization import linear_method
 from rtllm.quantization.config import QuantConfig
+from rtllm.quantization.rtn import Fp8Tokens
 
 
 def default_weight_loader(param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
@@ -175,7 +176,21 @@ class Linear(nn.Module):
             )
         linear_method.fill_dummy_(self.quant, generator)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    @property
+    def fp8_token_input(self) -> bool:
+        """True when the input may come quantized per token (``Fp8Tokens``, see
+        ``linear_method.takes_fp8_tokens``): the kernel that produces it (RMSNorm,
+        SiLU-mul) then fuses the quantization."""
+        quant = self.quant
+        if quant is None:
+            return False
+        cached = getattr(self, "_fp8_token_input", None)
+        if cached is None or cached[0] is not quant:  # decided once per quantized module
+            cached = (quant, linear_method.takes_fp8_tokens(quant))
+            self._fp8_token_input = cached
+        return cached[1]
+
+    def forward(self, x: torch.Tensor | Fp8Tokens) -> torch.Tensor:
         if self.quant is not None:
             return linear_method.quantized_linear_forward(self.quant, x)
         if self.weight is None:

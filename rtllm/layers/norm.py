@@ -7,11 +7,13 @@ runs; elsewhere the PyTorch code below, whose numerics match Hugging Face's.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
 
 from rtllm.kernels import fused_kernel
+from rtllm.quantization.rtn import Fp8Tokens
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -46,13 +48,21 @@ class RMSNorm(nn.Module):
         return fused_kernel("rms_norm", "rms_norm")
 
     def forward(
-        self, x: torch.Tensor, residual: torch.Tensor | None = None
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """Normalize ``x``; with ``residual``, first add it and return ``(normed, sum)``."""
+        self, x: torch.Tensor, residual: torch.Tensor | None = None, fp8_out: bool = False
+    ) -> Any:
+        """Normalize ``x``; with ``residual``, first add it and return ``(normed, sum)``.
+
+        With ``fp8_out`` (for a following FP8 linear, :class:`Fp8Tokens`) ``normed`` comes
+        quantized per token; the CUDA kernel fuses the quantization.
+        """
         kernel = self._kernel_for(x, residual)
-        if kernel is not None:
-            return kernel(x, self.weight, self.eps, residual)  # type: ignore[return-value]
+        if kernel is not None and (not fp8_out or x.dim() == 2):
+            return kernel(x, self.weight, self.eps, residual, fp8_out=fp8_out)
         if residual is None:
-            return self._norm(x)
+            return _maybe_fp8(self._norm(x), fp8_out)
         summed = x + residual
-        return self._norm(summed), summed
+        return _maybe_fp8(self._norm(summed), fp8_out), summed
+
+
+def _maybe_fp8(x: torch.Tensor, fp8_out: bool) -> torch.Tensor | Fp8Tokens:
+    return Fp8Tokens.quantize(x) if fp8_out else x

@@ -34,6 +34,7 @@ from rtllm.layers.parallel_linear import (
 from rtllm.layers.rotary import RotaryEmbedding
 from rtllm.models.config import ModelConfig
 from rtllm.quantization.config import QuantConfig
+from rtllm.quantization.rtn import Fp8Tokens
 
 
 class LlamaAttention(nn.Module):
@@ -86,9 +87,9 @@ class LlamaAttention(nn.Module):
             sliding_window=config.sliding_window,
         )
 
-    def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-        num_tokens = hidden.shape[0]
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor | Fp8Tokens) -> torch.Tensor:
         qkv = self.qkv_proj(hidden)
+        num_tokens = qkv.shape[0]
         q_size, kv_size = self.qkv_proj.q_size, self.qkv_proj.kv_size
         q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
         q = q.view(num_tokens, self.num_heads, self.head_dim)
@@ -127,8 +128,8 @@ class LlamaMLP(nn.Module):
             )
         self.act = SiluAndMul()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_up_proj(x)))
+    def forward(self, x: torch.Tensor | Fp8Tokens) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_up_proj(x), fp8_out=self.down_proj.fp8_token_input))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -152,13 +153,18 @@ class LlamaDecoderLayer(nn.Module):
     def forward(
         self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        # Under dynamic per-token FP8 the norms emit FP8 codes for the projections that
+        # follow (one kernel instead of a norm and a quantization).
+        fp8_qkv = self.self_attn.qkv_proj.fp8_token_input
         if residual is None:
             residual = hidden
-            hidden = self.input_layernorm(hidden)
+            hidden = self.input_layernorm(hidden, fp8_out=fp8_qkv)
         else:
-            hidden, residual = self.input_layernorm(hidden, residual)
+            hidden, residual = self.input_layernorm(hidden, residual, fp8_out=fp8_qkv)
         hidden = self.self_attn(positions, hidden)
-        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        hidden, residual = self.post_attention_layernorm(
+            hidden, residual, fp8_out=self.mlp.gate_up_proj.fp8_token_input
+        )
         return self.mlp(hidden), residual
 
 

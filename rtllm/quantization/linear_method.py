@@ -33,6 +33,7 @@ from rtllm.quantization.config import QuantAlgo, QuantConfig
 from rtllm.quantization.packing import GroupwiseWeights, unpack_awq, unpack_gptq
 from rtllm.quantization.rtn import (
     FP8_DTYPE,
+    Fp8Tokens,
     quantize_fp8_per_channel,
     quantize_fp8_per_tensor,
     quantize_groupwise_asymmetric,
@@ -354,8 +355,22 @@ def _int_from_staged(
     return WeightOnlyGroupwiseLinear.from_quantized(weights, bias, bits, pqs, dtype)
 
 
-def quantized_linear_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Run quantized layer ``module`` on ``x`` ``[..., in]``.
+def takes_fp8_tokens(module: nn.Module) -> bool:
+    """True when ``module`` may be given its input already quantized per token
+    (:class:`Fp8Tokens`): FP8 with dynamic per-token activation scales, on a GPU with
+    FP8 GEMMs (where the kernel before it then fuses the quantization)."""
+    if not isinstance(module, Fp8Linear) or module.input_scale is not None:
+        return False
+    if getattr(module, "pre_quant_scale", None) is not None or not module.weight.is_cuda:
+        return False
+    from rtllm.kernels.fp8_linear import fp8_supported
+
+    return fp8_supported(module.weight.device)
+
+
+def quantized_linear_forward(module: nn.Module, x: torch.Tensor | Fp8Tokens) -> torch.Tensor:
+    """Run quantized layer ``module`` on ``x`` ``[..., in]``, or on :class:`Fp8Tokens`
+    ``[M, in]`` where :func:`takes_fp8_tokens` allows.
 
     On CUDA, weight-only int4/int8 layers run the Triton GEMMs of
     :mod:`rtllm.kernels.quant_gemm` (dequantizing inside the kernel) and FP8 layers
@@ -364,6 +379,12 @@ def quantized_linear_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor
     a multiple of the kernel's block), the layer's PyTorch reference ``forward``.
     The first CUDA call packs the weights into the kernel layout and frees the codes.
     """
+    if isinstance(x, Fp8Tokens):
+        if not isinstance(module, Fp8Linear) or module.input_scale is not None:
+            raise ValueError(f"{type(module).__name__} does not take activations quantized per token")
+        from rtllm.kernels.fp8_linear import fp8_linear
+
+        return fp8_linear(x, module.weight, _fp8_weight_scale(module, None), None, module.bias)
     if x.is_cuda:
         if isinstance(module, WeightOnlyInt8Linear | WeightOnlyGroupwiseLinear):
             packed = _packed_weight(module)

@@ -24,6 +24,8 @@ into NaN. Weight quantizers reject non-finite input with ``ValueError``.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 FP8_DTYPE = torch.float8_e4m3fn
@@ -140,6 +142,22 @@ def quantize_fp8_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.
     w = _check_weight(weight)
     scale = _scale_from_range(w.abs().amax(dim=1, keepdim=True), FP8_MAX)
     return quantize_fp8(w, scale), scale
+
+
+class Fp8Tokens(NamedTuple):
+    """Activations already quantized per token: what a kernel that fuses the
+    quantization into its output (RMSNorm, SiLU-mul) hands to an FP8 linear."""
+
+    codes: torch.Tensor  # float8_e4m3fn [M, K]
+    scale: torch.Tensor  # float32 [M, 1]: row m is codes[m] * scale[m]
+    dtype: torch.dtype  # the activations' dtype before quantization (the output's default)
+
+    @classmethod
+    def quantize(cls, x: torch.Tensor) -> Fp8Tokens:
+        """The rows of ``x`` ``[..., K]`` quantized per token (PyTorch; the fused kernels
+        give the same codes and scales)."""
+        codes, scale = quantize_per_token_fp8(x.reshape(-1, x.shape[-1]))
+        return cls(codes, scale, x.dtype)
 
 
 def quantize_per_token_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

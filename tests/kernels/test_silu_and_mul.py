@@ -22,7 +22,10 @@ def test_matches_reference(device: torch.device, dtype: torch.dtype, d: int) -> 
     x = (3 * torch.randn(4, 2 * d, generator=gen)).to(device, dtype)
     out = silu_and_mul(x)
     assert out.shape == (4, d) and out.dtype == dtype
-    torch.testing.assert_close(out, silu_and_mul_ref(x), rtol=1e-5, atol=1e-5)
+    # One rounding of float32 math in both; a GPU's exp may differ from the CPU's in
+    # the last float32 bits, which moves a 16-bit result on a rounding boundary 1 ulp.
+    tol = 1e-5 if dtype == torch.float32 else 2.0**-10
+    torch.testing.assert_close(out, silu_and_mul_ref(x), rtol=tol, atol=1e-5)
 
 
 def test_strided_rows_leading_dims_and_out(device: torch.device) -> None:

@@ -62,3 +62,26 @@ def test_quantized_kernels_match_the_reference_path(model_dir, algo, monkeypatch
     # to 0.20 std in one H200 run (a single GEMM agrees to 0.01).
     assert error < (0.3 if algo == "FP8" else 0.02), error
     assert torch.equal(kernels.argmax(-1), reference.argmax(-1))
+
+
+def test_fp8_fused_activation_quantization_keeps_the_logits(model_dir, monkeypatch):
+    """RMSNorm and SiLU-mul emit the FP8 projections' per-token codes themselves; the
+    logits are those of the unfused kernels (norm, then quantization) exactly."""
+    from rtllm.kernels.fp8_linear import fp8_supported
+    from rtllm.layers.linear import Linear
+
+    if not fp8_supported("cuda"):
+        pytest.skip("needs an FP8 GPU")
+    calls = []
+    original = Linear.fp8_token_input
+
+    def spy(self):
+        calls.append(original.fget(self))
+        return calls[-1]
+
+    monkeypatch.setattr(Linear, "fp8_token_input", property(spy))
+    fused, _ = first_logits(model_dir, "cuda", QuantConfig(quant_algo="FP8"))
+    assert any(calls), "no layer took FP8 tokens"
+    monkeypatch.setattr(Linear, "fp8_token_input", property(lambda self: False))
+    unfused, _ = first_logits(model_dir, "cuda", QuantConfig(quant_algo="FP8"))
+    assert torch.equal(fused, unfused)
