@@ -13,6 +13,7 @@ profile is the prefill alone.
 from __future__ import annotations
 
 import argparse
+import random
 import time
 
 import torch
@@ -44,7 +45,8 @@ def main() -> None:
               cuda_graph_config=CudaGraphConfig(max_batch_size=max(8, args.batch)))
 
     def prompts(run: int) -> list[list[int]]:
-        return [[(7 * i + 13 * run + j) % 1000 + 10 for j in range(args.input_len)] for i in range(args.batch)]
+        rng = random.Random(run)
+        return [[rng.randrange(10, 30000) for _ in range(args.input_len)] for _ in range(args.batch)]
 
     params = SamplingParams(max_tokens=args.output_len, ignore_eos=True)
     llm.generate(prompts(0), params, use_tqdm=False)
