@@ -53,8 +53,8 @@ class CapacityScheduler:
 
     def admit(self, running: list[LlmRequest], waiting: WaitingQueue) -> list[LlmRequest]:
         """Admit what the policy allows; returns the admitted requests in order."""
-        if self.policy is CapacitySchedulerPolicy.STATIC_BATCH and running:
-            return []
+        if not waiting or (self.policy is CapacitySchedulerPolicy.STATIC_BATCH and running):
+            return []  # (the fit checks below walk every running request)
         if self.policy is CapacitySchedulerPolicy.MAX_UTILIZATION:
             return self._admit(running, waiting, self._fits_now(running))
         return self._admit(running, waiting, self._fits_to_completion(running))

@@ -249,6 +249,8 @@ class KVCacheManager:
         known = min(request.num_computed_tokens, request.num_tokens - request.num_pending_tokens)
         num_full = min(known // size, len(table))
         hashes = self._hashes.setdefault(request.request_id, [])
+        if len(hashes) >= num_full:
+            return  # no block filled up since the last call (most steps of a decode)
         extra = block_extra_keys(cache_salt=request.cache_salt)
         stored: list[tuple[BlockHash, tuple[int, ...]]] = []
         stored_parent: BlockHash | None = None
