@@ -93,8 +93,10 @@ def test_registered() -> None:
         ([7, 3], [0, 0]),  # prefill
         ([1, 9, 1, 4], [20, 0, 5, 33]),  # mixed: decodes, a prompt, a chunk after a prefix
         ([1, 1, 1], [0, 16, 40]),  # decode-only
+        ([1, 1, 8, 5], [12, 30, 0, 0]),  # decodes, then fresh prompts (decode kernel + prompt path)
+        ([1, 4, 9], [20, 33, 0]),  # a decode and a chunk, then a fresh prompt (context kernel + prompt path)
     ],
-    ids=["prefill", "mixed", "decode"],
+    ids=["prefill", "mixed", "decode", "decodes-then-prompts", "chunk-then-prompt"],
 )
 def test_matches_torch_backend(
     tokens_per_block: int,

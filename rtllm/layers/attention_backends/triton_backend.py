@@ -6,10 +6,12 @@ reuses those tensors. Per layer, :meth:`TritonAttentionBackend.forward` writes t
 K/V into the paged cache, then runs
 
 * the split-K decode kernel when every sequence has exactly one new token, or
-* the paged context kernel for everything else (prefill, chunked prefill, prefix hits,
-  and mixed steps, whose one-token sequences it handles like any other), except that
-  over a quantized cache, a step of prompts none of which has a cached prefix attends
-  over its fresh 16-bit K/V (:mod:`rtllm.kernels.prompt_attention`).
+* for the prompts without a cached prefix at the end of a step, attention over their
+  own fresh K/V (:mod:`rtllm.kernels.prompt_attention`; 16-bit also over a quantized
+  cache), with the sequences before them through the decode kernel (one new token
+  each) or the paged context kernel, or
+* the paged context kernel for everything else (chunked prefill, prefix hits, a
+  fresh prompt followed by cached sequences).
 
 For CUDA graphs, :class:`TritonMetadataBuffers` keeps fixed-address device buffers for a
 padded decode batch and :meth:`TritonAttentionBackend.build_decode_metadata_into` fills
@@ -58,12 +60,12 @@ class TritonAttentionMetadata:
     # replays.
     max_seq_len: int | None
     is_decode: bool  # every sequence has exactly one new token
-    # Over a quantized cache, the trailing sequences [fresh_start, batch) of a step that
-    # is not decode-only are prompts with no cached prefix
-    # (StepAttentionInputs.fresh_prompt_start): they attend over their own 16-bit K/V
+    # The trailing sequences [fresh_start, batch) of a step that is not decode-only are
+    # prompts with no cached prefix (StepAttentionInputs.fresh_prompt_start): they
+    # attend over their own K/V, 16-bit also over a quantized cache
     # (rtllm.kernels.prompt_attention, through token tables built on first use and
     # shared by the step's layers), from token fresh_first_token on, while the
-    # sequences before them read the codes (the decode kernel when each has one new
+    # sequences before them read the cache (the decode kernel when each has one new
     # token, else the context kernel). fresh_start is None: no such part.
     fresh_start: int | None = None
     fresh_first_token: int = 0
@@ -301,7 +303,7 @@ class TritonAttentionBackend(AttentionBackend):
         in_dtype = query.dtype
         if kv_scale is None and in_dtype != kv_cache.dtype:
             query = query.to(kv_cache.dtype)
-        if kv_scale is not None and metadata.fresh_start is not None:
+        if metadata.fresh_start is not None and (kv_scale is not None or key.dtype == query.dtype):
             out = _attend_fresh_prompts_apart(spec, query, key, value, kv_cache, kv_scale, metadata)
         elif metadata.is_decode:
             out = decode_attention(
@@ -335,11 +337,13 @@ def _attend_fresh_prompts_apart(
     key: torch.Tensor,
     value: torch.Tensor,
     kv_cache: torch.Tensor,
-    kv_scale: torch.Tensor,
+    kv_scale: torch.Tensor | None,
     metadata: TritonAttentionMetadata,
 ) -> torch.Tensor:
-    """A quantized cache's step with fresh prompts: they attend over their own 16-bit
-    K/V, the sequences before them over the codes (see ``TritonAttentionMetadata``)."""
+    """A step with fresh prompts: they attend over their own K/V (16-bit, also over a
+    quantized cache), the sequences before them over the cache (see
+    ``TritonAttentionMetadata``). For a 16-bit cache this is the same math as the
+    paged context kernel, faster: whole key tiles per load instead of one block's."""
     s, t0 = metadata.fresh_start, metadata.fresh_first_token
     assert s is not None and metadata.fresh_cu_seqlens_q is not None
     out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
