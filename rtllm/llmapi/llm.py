@@ -81,6 +81,7 @@ class LLM:
         # Everything built so far (torch, the model's modules, the engine) lives as long
         # as the LLM: keep it out of the garbage collector's full passes, which at
         # hundreds of thousands of objects stall the engine loop for milliseconds.
+        # shutdown() unfreezes, so an LLM's own cycles are collectable once it is gone.
         gc.collect()
         gc.freeze()
         executor_args = (built.engine, built.tokenizer, built.end_ids)
@@ -266,6 +267,7 @@ class LLM:
         if self._executor is not None:
             self._executor.shutdown()
             self._executor = None
+            gc.unfreeze()
 
     def __enter__(self) -> LLM:
         return self

@@ -598,3 +598,19 @@ def test_shutdown_without_requests_and_context_manager(model_dir: tuple[str, int
     assert not executor.is_alive
     with pytest.raises(RuntimeError, match="shut down"):
         _ = llm.executor
+
+
+def test_shutdown_leaves_the_engine_collectable(model_dir: tuple[str, int]) -> None:
+    """The LLM freezes start-up objects out of the garbage collector's passes; after
+    shutdown nothing of it may stay alive (a frozen cycle would hold its weights)."""
+    import gc
+    import weakref
+
+    llm = make_llm(model_dir[0])
+    llm.generate([[5, 6, 7]], greedy(2), use_tqdm=False)
+    model = weakref.ref(llm.executor.engine.runner.model)
+    llm.shutdown()
+    del llm
+    gc.collect()
+    assert model() is None
+    assert gc.get_freeze_count() == 0
