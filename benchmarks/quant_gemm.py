@@ -30,10 +30,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import statistics
 import time
 from collections.abc import Callable
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -41,6 +40,7 @@ import torch.nn.functional as F
 import triton
 
 from rtllm.kernels import quant_gemm as qg  # noqa: E402
+from rtllm.kernels.graph_timing import graph_time_us, l2_overflow_copies  # noqa: E402
 from rtllm.quantization import rtn  # noqa: E402
 
 SHAPES = {  # name: (K, N)
@@ -67,42 +67,15 @@ def smoke_setup() -> None:
 
 
 def time_us(calls: list[Callable[[], object]], reps: int, trials: int) -> float:
-    """Median microseconds per call of a CUDA graph holding ``reps`` calls that cycle
-    through ``calls`` (one per weight copy)."""
-    for c in calls:
-        c()  # compile / tune outside the capture
-    if DEVICE == "cpu":  # --smoke
+    """Median microseconds per call (``--smoke``: a wall-clock loop on the CPU)."""
+    if DEVICE == "cpu":
+        for c in calls:
+            c()
         start = time.perf_counter()
         for i in range(reps):
             calls[i % len(calls)]()
         return (time.perf_counter() - start) * 1e6 / reps
-    torch.cuda.synchronize()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for c in calls:
-            c()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(reps):
-            calls[i % len(calls)]()
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(trials):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / reps)
-    del graph
-    return statistics.median(times)
-
-
-def clone_packed(p: qg.PackedQuantWeight) -> qg.PackedQuantWeight:
-    return replace(p, qweight=p.qweight.clone(), scales=p.scales.clone(), zeros=p.zeros.clone())
+    return graph_time_us(calls, reps, trials)
 
 
 def make_weights(k: int, n: int, dtype: torch.dtype) -> dict[str, object]:
@@ -121,10 +94,6 @@ def make_weights(k: int, n: int, dtype: torch.dtype) -> dict[str, object]:
 
 def nbytes(w: object) -> int:
     return w.nbytes if isinstance(w, qg.PackedQuantWeight) else w.numel() * w.element_size()
-
-
-def copies_for(size: int, l2: int) -> int:
-    return max(1, min(48, math.ceil(3 * l2 / size)))
 
 
 def method_call(method: str, x: torch.Tensor, w: object) -> Callable[[], torch.Tensor]:
@@ -199,8 +168,8 @@ def main() -> None:
         weights[name] = make_weights(k, n, dtype)
         copies[name] = {}
         for fmt, w in weights[name].items():
-            clone = clone_packed if fmt != "bf16" else torch.Tensor.clone
-            copies[name][fmt] = [w] + [clone(w) for _ in range(copies_for(nbytes(w), l2) - 1)]
+            count = l2_overflow_copies(nbytes(w), torch.device(DEVICE))
+            copies[name][fmt] = [w] + [w.clone() for _ in range(count - 1)]
     rows: list[dict[str, object]] = []
     for m in ms:  # M = 1 first: the decode numbers matter most if the budget runs out
         for name, (k, n) in SHAPES.items():
@@ -302,7 +271,7 @@ def report(rows: list[dict[str, object]], ms: list[int], args: argparse.Namespac
                 f"{r['shape']:8s} M={r['m']:3d} {r['method']:6s} {r['config']}"
                 f"  err={r['rel_err']:.1e}"
             )
-    print("\ntuner timings, M <= 4 (us per call, L2 flushed; the winner first)")
+    print("\ntuner timings, M <= 4 (us per call in a CUDA graph, L2 overflowed; the winner first)")
     for key, cands in qg.tuning_timings().items():
         if key[2] > 4:
             continue

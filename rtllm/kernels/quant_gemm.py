@@ -19,7 +19,8 @@ historical home of the packing API). Paths, picked per ``(M bucket, N, K, format
   the tiled kernel's by more than the extra traffic costs.
 
 Tuning: on CUDA, the first call of a key times the candidate configurations
-(:func:`candidates`) with ``triton.testing.do_bench`` (L2 flushed between runs) and
+(:func:`candidates`) in CUDA graphs of back-to-back calls over copies of the weight
+that overflow L2 (:mod:`rtllm.kernels.graph_timing`), as a decode step runs them, and
 caches the fastest; during CUDA graph capture, or with ``RTLLM_QUANT_TUNE=0``, the
 first candidate (the heuristic default) runs untimed. The engine's warm-up forward of
 every captured batch size runs outside the graph, so tuning happens there.

@@ -38,6 +38,7 @@ correction of the float32 accumulator (GEMV, see :mod:`rtllm.kernels.quant_gemv`
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -130,6 +131,12 @@ class PackedQuantWeight:
     def nbytes(self) -> int:
         """Bytes a GEMM must read for the weight (codes, scales, zeros)."""
         return sum(t.numel() * t.element_size() for t in (self.qweight, self.scales, self.zeros))
+
+    def clone(self) -> PackedQuantWeight:
+        """A copy in new memory (the tuner and benchmarks cycle through copies)."""
+        return dataclasses.replace(
+            self, qweight=self.qweight.clone(), scales=self.scales.clone(), zeros=self.zeros.clone()
+        )
 
     def to(self, device: torch.device | str) -> PackedQuantWeight:
         return type(self)(

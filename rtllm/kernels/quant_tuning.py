@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 import torch
 import triton
 
+from rtllm.kernels.graph_timing import graph_time_us, l2_overflow_copies
 from rtllm.kernels.quant_gemv import GEMV_MAX_BLOCK_M
 from rtllm.kernels.quant_layout import PackedQuantWeight
 
@@ -28,6 +30,9 @@ GEMV_MAX_M = GEMV_MAX_BLOCK_M
 #: extra ~4 bytes of traffic per weight; the value stands until the benchmark
 #: (``benchmarks/quant_gemm.py``, "dequant" column) shows where it wins.
 DEQUANT_MIN_M = 1024
+#: Calls per timed CUDA graph and graph replays per candidate (median taken).
+TUNE_CALLS = 32
+TUNE_TRIALS = 5
 _TUNE = os.environ.get("RTLLM_QUANT_TUNE", "1") != "0"
 #: ``RTLLM_QUANT_TUNE=all`` also tunes prefill sizes (``M > GEMV_MAX_M``) on first use.
 _TUNE_ALL = os.environ.get("RTLLM_QUANT_TUNE", "1") == "all"
@@ -157,17 +162,33 @@ def pick(
         # serving (TTFT 23 ms -> 1.4 s measured), so prefill shapes take the default.
         return cands[0]
     out = torch.empty(m, n, dtype=x2.dtype, device=x2.device)
+    copies = _weight_copies(packed, x2.device)
+    reps = len(copies) * math.ceil(TUNE_CALLS / len(copies))
     times = []
     for c in cands:
+        calls = [lambda c=c, p=p: run(x2, p, bias, out, c) for p in copies]
         try:
-            t = triton.testing.do_bench(lambda c=c: run(x2, packed, bias, out, c), warmup=5, rep=20)
+            t = graph_time_us(calls, reps, TUNE_TRIALS) / 1e3
         except Exception:  # noqa: BLE001 (a candidate that does not compile or launch)
             t = float("inf")
         times.append(t)
+    del copies
     cfg = cands[min(range(len(cands)), key=times.__getitem__)]
     _tuned[key] = cfg
     _timings[key] = list(zip(cands, times, strict=True))
     return cfg
+
+
+def _weight_copies(packed: PackedQuantWeight, device: torch.device) -> list[PackedQuantWeight]:
+    """``packed`` and enough clones that cycling through them evicts each from L2 (as a
+    decode step finds its weights); fewer if memory is short (timings then lean warm)."""
+    copies = [packed]
+    for _ in range(l2_overflow_copies(packed.nbytes, device) - 1):
+        try:
+            copies.append(packed.clone())
+        except torch.cuda.OutOfMemoryError:
+            break
+    return copies
 
 
 def tuned_configs() -> dict[tuple, QuantGemmConfig]:
