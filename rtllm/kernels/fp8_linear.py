@@ -46,9 +46,17 @@ def fp8_supported(device: torch.device | str) -> bool:
 
 
 @triton.jit
-def _fp8_codes(v, scale):
+def fp8_codes(v, scale):
     """E4M3 codes of float32 ``v`` for ``scale`` (IEEE division, as PyTorch: bit for bit)."""
     return tl.minimum(tl.maximum(tl.math.div_rn(v, scale), -448.0), 448.0).to(tl.float8e4nv)
+
+
+@triton.jit
+def fp8_row_scale(amax):
+    """Per-token scale from a row's float32 ``amax``: rtn's rule, ``amax / 448``, or 1
+    for an all-zero row. PyTorch on CUDA divides by a Python scalar as a multiplication
+    by its float32 reciprocal, so this does the same (bit for bit with the reference)."""
+    return tl.where(amax > 0.0, amax * (1.0 / 448.0), 1.0)
 
 
 @triton.jit
@@ -68,17 +76,15 @@ def _per_token_fp8_kernel(
             v = tl.load(x_ptr + row * stride_x + k + offs, mask=k + offs < K, other=0.0)
             amax = tl.maximum(amax, tl.abs(v.to(tl.float32)))
         a = tl.max(amax, axis=0)
-    # rtn's rule: scale = amax / 448, or 1 for an all-zero row. PyTorch on CUDA divides
-    # by a Python scalar as a multiplication by its float32 reciprocal, so do the same.
-    scale = tl.where(a > 0.0, a * (1.0 / 448.0), 1.0)
+    scale = fp8_row_scale(a)
     tl.store(scale_ptr + row, scale)
     if ONE_TILE:
-        tl.store(q_ptr + row * stride_q + offs, _fp8_codes(v, scale), mask=mask)
+        tl.store(q_ptr + row * stride_q + offs, fp8_codes(v, scale), mask=mask)
     else:
         for k in range(0, K, BLOCK):
             mask = k + offs < K
             v = tl.load(x_ptr + row * stride_x + k + offs, mask=mask, other=0.0).to(tl.float32)
-            tl.store(q_ptr + row * stride_q + k + offs, _fp8_codes(v, scale), mask=mask)
+            tl.store(q_ptr + row * stride_q + k + offs, fp8_codes(v, scale), mask=mask)
 
 
 def quantize_per_token_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

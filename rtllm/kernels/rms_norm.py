@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from rtllm.kernels.fp8_linear import _fp8_codes
+from rtllm.kernels.fp8_linear import fp8_codes, fp8_row_scale
 from rtllm.kernels.pdl import allow_dependents, use_pdl, wait_for_producers
 from rtllm.quantization.rtn import FP8_DTYPE, Fp8Tokens
 
@@ -90,12 +90,11 @@ def _rms_norm_kernel(
     o_offs = (token * stride_o0 + head * stride_o1)[:, None] + cols[None, :]
     if QUANT_FP8:
         # Quantize the row as the unfused kernel would have stored it (rounded to
-        # OUT_TY), with quantize_per_token_fp8's rule: scale = amax / 448, or 1.
+        # OUT_TY), with quantize_per_token_fp8's scale rule.
         y = y.to(OUT_TY).to(tl.float32)
-        amax = tl.max(tl.abs(y), axis=1)
-        scale = tl.where(amax > 0.0, amax * (1.0 / 448.0), 1.0)
+        scale = fp8_row_scale(tl.max(tl.abs(y), axis=1))
         tl.store(scale_ptr + rows, scale, mask=rows < n_rows)
-        tl.store(out_ptr + o_offs, _fp8_codes(y, scale[:, None]), mask=mask)
+        tl.store(out_ptr + o_offs, fp8_codes(y, scale[:, None]), mask=mask)
     else:
         tl.store(out_ptr + o_offs, y.to(out_ptr.dtype.element_ty), mask=mask)
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from rtllm.kernels.fp8_linear import _fp8_codes
+from rtllm.kernels.fp8_linear import fp8_codes, fp8_row_scale
 from rtllm.kernels.pdl import allow_dependents, use_pdl, wait_for_producers
 from rtllm.quantization.rtn import FP8_DTYPE, Fp8Tokens
 
@@ -86,14 +86,14 @@ def _silu_and_mul_fp8_kernel(
         for k in range(0, d, BLOCK):
             running = tl.maximum(running, tl.abs(_silu_mul_tile(x_row, k, d, offs, BLOCK)))
         amax = tl.max(running, axis=0)
-    scale = tl.where(amax > 0.0, amax * (1.0 / 448.0), 1.0)
+    scale = fp8_row_scale(amax)
     tl.store(scale_ptr + row, scale)
     if ONE_TILE:
-        tl.store(q_ptr + row * stride_q + offs, _fp8_codes(y, scale), mask=offs < d)
+        tl.store(q_ptr + row * stride_q + offs, fp8_codes(y, scale), mask=offs < d)
     else:
         for k in range(0, d, BLOCK):
             y = _silu_mul_tile(x_row, k, d, offs, BLOCK)
-            tl.store(q_ptr + row * stride_q + k + offs, _fp8_codes(y, scale), mask=k + offs < d)
+            tl.store(q_ptr + row * stride_q + k + offs, fp8_codes(y, scale), mask=k + offs < d)
 
 
 def silu_and_mul_fp8(x: torch.Tensor, block: int | None = None, num_warps: int | None = None) -> Fp8Tokens:

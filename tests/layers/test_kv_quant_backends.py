@@ -126,9 +126,9 @@ def test_triton_backend_fresh_prompts_attend_unquantized(qdtype: torch.dtype) ->
     query_lens = [9, 3, 17]
     tables = [[4, 0], [2], [5, 1, 3]]
     inputs = StepAttentionInputs(query_lens, [0, 0, 0], tables, BS, DEVICE)
-    assert inputs.fresh_prompts
-    assert not StepAttentionInputs([1, 1], [0, 0], [[0], [1]], BS, DEVICE).fresh_prompts
-    assert not StepAttentionInputs([4, 1], [0, 3], [[0], [1]], BS, DEVICE).fresh_prompts
+    assert inputs.fresh_prompt_start == 0
+    assert StepAttentionInputs([4, 1], [0, 3], [[0], [1]], BS, DEVICE).fresh_prompt_start == 2
+    assert StepAttentionInputs([1, 4], [3, 0], [[0], [1]], BS, DEVICE).fresh_prompt_start == 1
     gen = torch.Generator().manual_seed(11)
     t = sum(query_lens)
     q, k, v = (torch.randn(t, h, 64, generator=gen).to(DEVICE)
@@ -137,7 +137,7 @@ def test_triton_backend_fresh_prompts_attend_unquantized(qdtype: torch.dtype) ->
     triton_layer, torch_layer = _quantized_like(zeros, qdtype), _quantized_like(zeros, qdtype)
     backend = TritonAttentionBackend()
     metadata = backend.build_metadata(inputs)
-    assert metadata.fresh_prompts
+    assert metadata.fresh_start == 0
     out = backend.forward(spec, q, k, v, triton_layer, metadata)
     start = 0
     for n in query_lens:
@@ -174,7 +174,7 @@ def test_triton_backend_mixed_step_fresh_prompts_apart(
     spec = AttentionLayerSpec(8, 2, 64, 64**-0.5)
     inputs, q, k, v, prefix = _step(spec, torch.float32, 3, query_lens, context_lens)
     num_cached = sum(1 for c in context_lens if c)
-    assert inputs.fresh_prompt_start == num_cached and not inputs.fresh_prompts
+    assert inputs.fresh_prompt_start == num_cached
     torch_layer, triton_layer = _quantized_like(prefix, qdtype), _quantized_like(prefix, qdtype)
     backend, torch_backend = TritonAttentionBackend(), TorchAttentionBackend()
     metadata = backend.build_metadata(inputs)

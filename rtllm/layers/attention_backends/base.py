@@ -60,25 +60,15 @@ class StepAttentionInputs:
         """Index of the first of the trailing sequences with no cached prefix (prompts
         whose every key is this step's own), ``len(query_lens)`` when there are none.
         The scheduler places running generations before new prompts, so in a mixed step
-        these are the step's new prompts."""
+        these are the step's new prompts. The Triton backend attends over their fresh
+        K/V in the model dtype rather than over the cache it writes (as TensorRT-LLM's
+        context FMHA and vLLM's prefill do; later steps read the cache), where the
+        torch backend, the reference emulation of a quantized cache, always reads the
+        codes."""
         start = len(self.context_lens)
         while start and self.context_lens[start - 1] == 0:
             start -= 1
         return start
-
-    @property
-    def fresh_prompts(self) -> bool:
-        """A prompt step in which no sequence has a cached prefix (and not every sequence
-        has one token): every key is this step's own. Over a quantized cache the Triton
-        backend then attends over the fresh K/V in the model dtype instead of the codes
-        it writes (as TensorRT-LLM's context FMHA and vLLM's prefill do; later steps
-        read the codes), where the torch backend, the reference emulation of the
-        quantized cache, always attends over the codes."""
-        return (
-            bool(self.query_lens)
-            and not any(self.context_lens)
-            and not all(q == 1 for q in self.query_lens)
-        )
 
 
 class AttentionBackend(ABC):

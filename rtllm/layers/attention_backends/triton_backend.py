@@ -76,12 +76,6 @@ class TritonAttentionMetadata:
     cached_max_seq_len: int = 0
     prompt_tables: torch.Tensor | None = None
 
-    @property
-    def fresh_prompts(self) -> bool:
-        """Every sequence is a fresh prompt (StepAttentionInputs.fresh_prompts)."""
-        return self.fresh_start == 0
-
-
 def _pinned(n: int, device: torch.device) -> torch.Tensor:
     return torch.empty(n, dtype=torch.int32, pin_memory=device.type == "cuda")
 
