@@ -35,7 +35,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from rtllm.kernels.quant_gemv import GEMV_MAX_BLOCK_M, GemvConfig, quant_gemv
+from rtllm.kernels.quant_gemv import GEMV_MAX_BLOCK_M, GemvConfig, gemv_supported, quant_gemv
 from rtllm.kernels.quant_layout import (
     MAGIC_64,
     MAGIC_1024,
@@ -81,6 +81,7 @@ __all__ = [
     "prepack_int8",
     "quant_linear",
     "quant_linear_ref",
+    "quant_linear_silu_and_mul",
     "tuned_configs",
     "tuning_timings",
     "unpack_codes",
@@ -217,6 +218,12 @@ def _check(x: torch.Tensor, packed: PackedQuantWeight, bias: torch.Tensor | None
         raise ValueError(f"bias must be [{packed.out_features}], got {tuple(bias.shape)}")
 
 
+def _gemv_config(cfg: QuantGemmConfig) -> GemvConfig:
+    return GemvConfig(
+        cfg.block_n or 8, cfg.chunk or 32, cfg.split_k or 1, cfg.num_warps or 1, cfg.num_stages or 1
+    )
+
+
 def _run(
     x2: torch.Tensor,
     packed: PackedQuantWeight,
@@ -228,9 +235,7 @@ def _run(
     m, k = x2.shape
     n = packed.out_features
     if cfg.kernel == "gemv":
-        gemv = GemvConfig(
-            cfg.block_n or 8, cfg.chunk or 32, cfg.split_k or 1, cfg.num_warps or 1, cfg.num_stages or 1
-        )
+        gemv = _gemv_config(cfg)
         for r in range(0, m, GEMV_MAX_BLOCK_M):  # row tiles (M > 8 only when forced)
             quant_gemv(
                 x2[r : r + GEMV_MAX_BLOCK_M], packed, bias, out[r : r + GEMV_MAX_BLOCK_M], gemv
@@ -342,6 +347,35 @@ def quant_linear(
         config = picked
     _run(x2, packed, bias, out, config)
     return out.reshape(*x.shape[:-1], n)
+
+
+def quant_linear_silu_and_mul(
+    x: torch.Tensor, packed: PackedQuantWeight, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``silu(gate) * up`` of :func:`quant_linear` for a ``[gate; up]`` weight (``N = 2 d``
+    rows: the MLP's fused gate/up projection), ``[..., d]`` in ``x``'s dtype.
+
+    Where the tuned path for this size is the GEMV (decode), one launch computes both
+    halves and applies the activation in its epilogue (no ``[M, 2 d]`` intermediate, one
+    kernel fewer per layer); the result is bit for bit the unfused one. Otherwise the
+    GEMM runs, then :func:`rtllm.kernels.silu_and_mul.silu_and_mul`.
+    """
+    _check(x, packed, bias)
+    n, k = packed.out_features, packed.in_features
+    if n % 2:
+        raise ValueError(f"a [gate; up] weight has an even number of rows, got {n}")
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    cfg = pick(x2, packed, bias, _run) if gemv_supported(m) else None
+    if cfg is None or cfg.kernel != "gemv":
+        from rtllm.kernels.silu_and_mul import silu_and_mul
+
+        return silu_and_mul(quant_linear(x2, packed, bias)).reshape(*x.shape[:-1], n // 2)
+    out = torch.empty(m, n // 2, dtype=x.dtype, device=x.device)
+    quant_gemv(x2, packed, bias, out, _gemv_config(cfg), gated=True)
+    return out.reshape(*x.shape[:-1], n // 2)
 
 
 def w4a16_linear(

@@ -35,7 +35,7 @@ bias and writes the output, in the same launch (:mod:`rtllm.kernels.split_counte
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -86,6 +86,7 @@ def _gemv_kernel(
     cnt_ptr,
     M,
     N,
+    half_n,
     num_blocks,
     blocks_per_split,
     stride_xm,
@@ -101,6 +102,7 @@ def _gemv_kernel(
     HAS_BIAS: tl.constexpr,
     SPLIT: tl.constexpr,
     PREFETCH: tl.constexpr,
+    GATED: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
     allow_dependents(USE_PDL)
@@ -113,7 +115,17 @@ def _gemv_kernel(
     # share one blocked layout: 4 words (one block) per thread along the last axis,
     # lanes along the first (Triton orders the axes of equal contiguity by index).
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    if GATED:
+        # A [gate; up] weight (N = 2 * half_n rows): the tile's first half are gate
+        # rows, the second the matching up rows, so the epilogue can pair them.
+        HALF: tl.constexpr = BLOCK_N // 2
+        lane = tl.arange(0, BLOCK_N)
+        col = pid_n * HALF + lane % HALF  # output column of each channel
+        offs_n = tl.where(lane < HALF, col, half_n + col)
+        n_ok = col < half_n
+    else:
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < N
     offs_b = tl.arange(0, NB)
     offs_c = tl.arange(0, 4)
     b4 = offs_b[:, None, None, None]
@@ -204,7 +216,7 @@ def _gemv_kernel(
     total = tl.sum(acc, axis=0)  # [BLOCK_M, BLOCK_N]
     m2 = offs_m[:, None]
     n2 = offs_n[None, :]
-    out_mask = (m2 < M) & (n2 < N)
+    out_mask = (m2 < M) & n_ok[None, :]
     if SPLIT:
         # Partials, then the last slice of this (row tile, channel tile) reduces them.
         tile = pid_m * tl.num_programs(0) + pid_n
@@ -219,24 +231,38 @@ def _gemv_kernel(
             total = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
             for k in range(0, splits):
                 total += tl.load(ws + k * M * N, mask=out_mask, other=0.0, cache_modifier=".cg")
-            if HAS_BIAS:
-                total += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[
-                    None, :
-                ]
-            tl.store(
-                out_ptr + m2.to(tl.int64) * stride_om + n2,
-                total.to(out_ptr.dtype.element_ty),
-                mask=out_mask,
-            )
+            _write_out(out_ptr, bias_ptr, total, offs_m, offs_n, n_ok, pid_n, M, half_n, stride_om,
+                       BLOCK_N, HAS_BIAS, GATED)
             tl.atomic_xchg(cnt_ptr + tile, 0, sem="relaxed", scope="gpu")
     else:
-        if HAS_BIAS:
-            total += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-        tl.store(
-            out_ptr + m2.to(tl.int64) * stride_om + n2,
-            total.to(out_ptr.dtype.element_ty),
-            mask=out_mask,
-        )
+        _write_out(out_ptr, bias_ptr, total, offs_m, offs_n, n_ok, pid_n, M, half_n, stride_om,
+                   BLOCK_N, HAS_BIAS, GATED)
+
+
+@triton.jit
+def _write_out(out_ptr, bias_ptr, total, offs_m, offs_n, n_ok, pid_n, M, half_n, stride_om,
+               BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr, GATED: tl.constexpr):
+    """Store ``total`` ``[BLOCK_M, BLOCK_N]`` (+ bias); gated: ``silu(gate) * up`` of the
+    tile's channel pairs into ``BLOCK_N / 2`` output columns, from gate and up rounded
+    to the output dtype first, so the result is bit for bit the separate
+    ``silu_and_mul`` kernel's on the unfused output."""
+    if HAS_BIAS:
+        total += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    m2 = offs_m[:, None]
+    if GATED:
+        HALF: tl.constexpr = BLOCK_N // 2
+        pairs = tl.permute(tl.reshape(total, [total.shape[0], 2, HALF]), (0, 2, 1))
+        gate, up = tl.split(pairs)
+        gate = gate.to(out_ptr.dtype.element_ty).to(tl.float32)
+        up = up.to(out_ptr.dtype.element_ty).to(tl.float32)
+        y = gate / (1.0 + tl.exp(-gate)) * up
+        cols = (pid_n * HALF + tl.arange(0, HALF))[None, :]
+        tl.store(out_ptr + m2.to(tl.int64) * stride_om + cols, y.to(out_ptr.dtype.element_ty),
+                 mask=(m2 < M) & (cols < half_n))
+    else:
+        n2 = offs_n[None, :]
+        tl.store(out_ptr + m2.to(tl.int64) * stride_om + n2, total.to(out_ptr.dtype.element_ty),
+                 mask=(m2 < M) & n_ok[None, :])
 
 
 def gemv_supported(m: int) -> bool:
@@ -250,14 +276,22 @@ def quant_gemv(
     bias: torch.Tensor | None,
     out: torch.Tensor,
     cfg: GemvConfig,
+    gated: bool = False,
 ) -> None:
     """Write ``x2 @ dequant(packed)^T + bias`` into ``out`` ``[M, N]`` (checked inputs:
     :func:`rtllm.kernels.quant_gemm.quant_linear` is the public entry point).
 
-    ``x2`` is ``[M, K]`` with a contiguous last dim, ``M <= GEMV_MAX_BLOCK_M``.
+    ``x2`` is ``[M, K]`` with a contiguous last dim, ``M <= GEMV_MAX_BLOCK_M``. With
+    ``gated``, ``packed`` is a ``[gate; up]`` weight of ``N = 2 d`` rows and ``out``
+    ``[M, d]`` receives ``silu(gate) * up`` (the MLP's activation in the epilogue; a
+    ``block_n`` of 1 runs as 2, one gate and one up channel).
     """
     m, k = x2.shape
     n = packed.out_features
+    if gated and n % 2:
+        raise ValueError(f"a gated GEMV needs an even number of rows, got {n}")
+    if gated:
+        cfg = replace(cfg, block_n=max(cfg.block_n, 2))
     if not gemv_supported(m):
         raise ValueError(f"the GEMV takes 1..{GEMV_MAX_BLOCK_M} rows, got {m}")
     if cfg.blocks < 1 or cfg.blocks & (cfg.blocks - 1):
@@ -274,7 +308,7 @@ def quant_gemv(
     split = triton.cdiv(num_blocks, blocks_per_split)  # no empty slices
     block_m = triton.next_power_of_2(m)
     pdl = use_pdl(x2.device)
-    tiles_n = triton.cdiv(n, cfg.block_n)
+    tiles_n = triton.cdiv(n, cfg.block_n)  # gated: d / (block_n / 2), the same count
     if split > 1:
         if tiles_n > MAX_SPLIT_TILES:
             raise ValueError(f"split-K GEMV needs <= {MAX_SPLIT_TILES} channel tiles, got {tiles_n}")
@@ -293,6 +327,7 @@ def quant_gemv(
         cnt,
         m,
         n,
+        n // 2,
         num_blocks,
         blocks_per_split,
         x2.stride(0),
@@ -308,6 +343,7 @@ def quant_gemv(
         HAS_BIAS=bias is not None,
         SPLIT=split > 1,
         PREFETCH=cfg.prefetch,
+        GATED=gated,
         USE_PDL=pdl,
         num_warps=cfg.num_warps,
         num_stages=1,

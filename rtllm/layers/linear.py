@@ -190,6 +190,14 @@ class Linear(nn.Module):
             self._fp8_token_input = cached
         return cached[1]
 
+    def silu_and_mul_forward(self, x: torch.Tensor | Fp8Tokens) -> torch.Tensor | None:
+        """``silu(gate) * up`` of this ``[gate; up]`` projection's output where a quantized
+        kernel fuses the activation (weight-only layers on CUDA:
+        ``linear_method.quantized_silu_and_mul_forward``), else ``None``."""
+        if self.quant is None:
+            return None
+        return linear_method.quantized_silu_and_mul_forward(self.quant, x)
+
     def forward(self, x: torch.Tensor | Fp8Tokens) -> torch.Tensor:
         if self.quant is not None:
             return linear_method.quantized_linear_forward(self.quant, x)

@@ -129,7 +129,13 @@ class LlamaMLP(nn.Module):
         self.act = SiluAndMul()
 
     def forward(self, x: torch.Tensor | Fp8Tokens) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_up_proj(x), fp8_out=self.down_proj.fp8_token_input))
+        fp8_out = self.down_proj.fp8_token_input
+        if not fp8_out:
+            # Weight-only layers on CUDA apply the activation inside the gate_up kernel.
+            fused = self.gate_up_proj.silu_and_mul_forward(x)
+            if fused is not None:
+                return self.down_proj(fused)
+        return self.down_proj(self.act(self.gate_up_proj(x), fp8_out=fp8_out))
 
 
 class LlamaDecoderLayer(nn.Module):

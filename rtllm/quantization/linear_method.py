@@ -386,15 +386,12 @@ def quantized_linear_forward(module: nn.Module, x: torch.Tensor | Fp8Tokens) -> 
 
         return fp8_linear(x, module.weight, _fp8_weight_scale(module, None), None, module.bias)
     if x.is_cuda:
-        if isinstance(module, WeightOnlyInt8Linear | WeightOnlyGroupwiseLinear):
-            packed = _packed_weight(module)
-            if packed is not None:
-                from rtllm.kernels.quant_gemm import quant_linear
+        packed = _kernel_weight_only(module)
+        if packed is not None:
+            from rtllm.kernels.quant_gemm import quant_linear
 
-                if getattr(module, "pre_quant_scale", None) is not None:
-                    x = x * module.pre_quant_scale.to(x.dtype)
-                return quant_linear(x, packed, module.bias)
-        elif isinstance(module, Fp8Linear):
+            return quant_linear(_smoothed(module, x), packed, module.bias)
+        if isinstance(module, Fp8Linear):
             from rtllm.kernels.fp8_linear import fp8_linear, fp8_supported
 
             if fp8_supported(x.device):
@@ -402,6 +399,35 @@ def quantized_linear_forward(module: nn.Module, x: torch.Tensor | Fp8Tokens) -> 
                 return fp8_linear(x, module.weight, _fp8_weight_scale(module, input_scale),
                                   input_scale, module.bias)
     return module(x)
+
+
+def quantized_silu_and_mul_forward(module: nn.Module, x: torch.Tensor | Fp8Tokens) -> torch.Tensor | None:
+    """``silu(gate) * up`` of weight-only layer ``module``'s output (a ``[gate; up]``
+    projection) through :func:`rtllm.kernels.quant_gemm.quant_linear_silu_and_mul`,
+    which applies the activation in the decode GEMV's epilogue; ``None`` where that
+    path does not apply (not CUDA, not a weight-only layer the kernels take): the
+    caller then runs the layer and the activation apart."""
+    if isinstance(x, Fp8Tokens) or not x.is_cuda:
+        return None
+    packed = _kernel_weight_only(module)
+    if packed is None:
+        return None
+    from rtllm.kernels.quant_gemm import quant_linear_silu_and_mul
+
+    return quant_linear_silu_and_mul(_smoothed(module, x), packed, module.bias)
+
+
+def _kernel_weight_only(module: nn.Module) -> object | None:
+    """The packed weights of a weight-only layer the Triton kernels take, else None."""
+    if not isinstance(module, WeightOnlyInt8Linear | WeightOnlyGroupwiseLinear):
+        return None
+    return _packed_weight(module)
+
+
+def _smoothed(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``x`` times the layer's AWQ / SmoothQuant pre-quantization scale, if it has one."""
+    pre_quant_scale = getattr(module, "pre_quant_scale", None)
+    return x if pre_quant_scale is None else x * pre_quant_scale.to(x.dtype)
 
 
 def _fp8_weight_scale(module: nn.Module, input_scale: torch.Tensor | None) -> torch.Tensor:

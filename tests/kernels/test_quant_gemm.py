@@ -13,6 +13,8 @@ error ``||out - ref|| / ||ref||`` plus an elementwise bound scaled by ``rms(ref)
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -31,10 +33,13 @@ from rtllm.kernels.quant_gemm import (  # noqa: E402
     prepack_int8,
     quant_linear,
     quant_linear_ref,
+    quant_linear_silu_and_mul,
     unpack_codes,
     w4a16_linear,
     w8a16_linear,
 )
+from rtllm.kernels.quant_gemv import GemvConfig, quant_gemv  # noqa: E402
+from rtllm.kernels.quant_layout import PackedQuantWeight  # noqa: E402
 from rtllm.quantization.rtn import (  # noqa: E402
     dequantize,
     quantize_groupwise_asymmetric,
@@ -301,6 +306,54 @@ def test_launcher_rejects_bad_inputs() -> None:
         quant_linear(x, p4, config=QuantGemmConfig(kernel="gemv", block_n=8, chunk=24))
     with pytest.raises(ValueError, match="chunk"):
         quant_linear(x, p4, config=QuantGemmConfig(kernel="gemm", chunk=2))
+
+
+# ---- gated GEMV: silu(gate) * up in the epilogue ------------------------------------------
+
+
+def _unfused_silu(x: torch.Tensor, p: PackedQuantWeight, bias: torch.Tensor | None,
+                  cfg: GemvConfig) -> torch.Tensor:
+    """The unfused path: the plain GEMV's 16-bit output, then silu(gate) * up in float32
+    rounded to the output dtype (what the separate silu_and_mul kernel computes)."""
+    y = torch.empty(x.shape[0], p.out_features, dtype=x.dtype, device=x.device)
+    quant_gemv(x, p, bias, y, cfg)
+    gate, up = y.float().chunk(2, dim=-1)
+    return (gate / (1.0 + torch.exp(-gate)) * up).to(x.dtype)
+
+
+@pytest.mark.parametrize(("bits", "group_size"), [(4, 64), (4, -1), (8, -1)])
+@pytest.mark.parametrize(("block_n", "split_k"), [(1, 1), (4, 1), (8, 3)])
+def test_gated_gemv_pairs_gate_and_up_rows(
+    device: torch.device, bits: int, group_size: int, block_n: int, split_k: int
+) -> None:
+    """d = 11: the last tile is partial in both halves, so a wrong pairing or mask shows;
+    matches the unfused GEMV followed by silu(gate) * up (to float16 rounding of exp)."""
+    d, k = 11, 256
+    p = random_packed(2 * d, k, bits, group_size, device, seed=block_n + split_k)
+    gen = torch.Generator().manual_seed(5)
+    bias = torch.randn(2 * d, generator=gen).to(device, torch.float16)
+    cfg = GemvConfig(block_n=block_n, blocks=4, split_k=split_k, num_warps=1)
+    for m, b in ((1, bias), (3, None)):
+        x = torch.randn(m, k, generator=gen).to(device, torch.float16)
+        out = torch.full((m, d), float("nan"), dtype=torch.float16, device=device)
+        quant_gemv(x, p, b, out, cfg, gated=True)
+        torch.testing.assert_close(out, _unfused_silu(x, p, b, replace(cfg, block_n=max(block_n, 2))),
+                                   rtol=2e-3, atol=1e-4)
+
+
+def test_quant_linear_silu_and_mul_any_size(device: torch.device) -> None:
+    """The public entry point: leading dims kept; a size the GEMV does not take (M > 8)
+    goes through the GEMM and the separate activation kernel, with the same result."""
+    d, k = 24, 128
+    p = random_packed(2 * d, k, 4, 32, device, seed=9)
+    gen = torch.Generator().manual_seed(2)
+    for shape in ((1, k), (2, 2, k), (12, k)):
+        x = torch.randn(*shape, generator=gen).to(device, torch.float16)
+        gate, up = quant_linear_ref(x.reshape(-1, k), p).float().chunk(2, dim=-1)
+        ref = (gate / (1.0 + torch.exp(-gate)) * up).to(x.dtype).reshape(*shape[:-1], d)
+        assert_matches(quant_linear_silu_and_mul(x, p), ref)
+    with pytest.raises(ValueError, match="even number of rows"):
+        quant_linear_silu_and_mul(x, random_packed(2 * d + 1, k, 4, 32, device))
 
 
 # ---- GPU ---------------------------------------------------------------------------------

@@ -85,3 +85,35 @@ def test_fp8_fused_activation_quantization_keeps_the_logits(model_dir, monkeypat
     monkeypatch.setattr(Linear, "fp8_token_input", property(lambda self: False))
     unfused, _ = first_logits(model_dir, "cuda", QuantConfig(quant_algo="FP8"))
     assert torch.equal(fused, unfused)
+
+
+@pytest.mark.parametrize("algo", ["W4A16_GPTQ", "W8A16"])
+def test_silu_in_the_gate_up_gemv_keeps_the_logits(model_dir, algo, monkeypatch):
+    """Decode steps of weight-only models apply silu(gate) * up in the gate_up GEMV's
+    epilogue; every generated position's logits are those of the separate kernels."""
+    from rtllm.quantization import linear_method
+
+    quant = QuantConfig(quant_algo=algo, group_size=128)
+    params = SamplingParams(max_tokens=4, temperature=0, return_generation_logits=True)
+    original = linear_method.quantized_silu_and_mul_forward
+    fused_calls = []
+
+    def spy(module, x):
+        out = original(module, x)
+        fused_calls.append(out is not None and x.shape[0] <= 8)
+        return out
+
+    def generate() -> tuple[torch.Tensor, list[list[int]]]:
+        with LLM(model_dir, device="cuda", dtype="float16", skip_tokenizer_init=True, quant_config=quant,
+                 kv_cache_config=KvCacheConfig(tokens_per_block=16, max_tokens=2048)) as llm:
+            outs = llm.generate(PROMPTS, params, use_tqdm=False)
+        logits = torch.cat([o.outputs[0].generation_logits.float() for o in outs])
+        return logits, [list(o.outputs[0].token_ids) for o in outs]
+
+    monkeypatch.setattr(linear_method, "quantized_silu_and_mul_forward", spy)
+    fused, fused_tokens = generate()
+    assert any(fused_calls), "no decode step took the gated GEMV"
+    monkeypatch.setattr(linear_method, "quantized_silu_and_mul_forward", lambda module, x: None)
+    unfused, unfused_tokens = generate()
+    assert fused_tokens == unfused_tokens
+    assert torch.equal(fused, unfused)
