@@ -31,6 +31,10 @@ for the previous kernel: weights are constant, so they overlap its tail.
 Split-K (grid axis 2, for shapes with too few channel tiles to fill the GPU): each
 slice writes float32 partials; the last slice of a tile to arrive sums them, adds the
 bias and writes the output, in the same launch (:mod:`rtllm.kernels.split_counters`).
+
+Gated (an MLP's ``[gate; up]`` projection): a tile's channels are ``BLOCK_N / 2`` gate
+rows and the matching up rows, so the epilogue writes ``silu(gate) * up`` and the
+separate activation kernel (and the ``[M, 2 d]`` intermediate) is not needed.
 """
 
 from __future__ import annotations
