@@ -159,7 +159,7 @@ class InProcessExecutor(GenerationExecutor):
         finally:
             self.engine.shutdown()
             for request_id, result in list(self._results.items()):
-                self._deliver([(result, Response([], finished=True, finish_reason=FinishReason.CANCELLED.value))])
+                self._finish(result, FinishReason.CANCELLED.value)
                 self._results.pop(request_id, None)
             # Requests submitted after the loop stopped reading the inbox.
             while True:
@@ -168,7 +168,7 @@ class InProcessExecutor(GenerationExecutor):
                 except queue.Empty:
                     break
                 if isinstance(item, tuple) and item[0] == "submit":
-                    self._deliver([(item[2], Response([], finished=True, finish_reason=FinishReason.CANCELLED.value))])
+                    self._finish(item[2], FinishReason.CANCELLED.value)
 
     def _drain_inbox(self, block: bool) -> bool:
         """Take in new requests and aborts; returns False on shutdown."""
@@ -203,7 +203,11 @@ class InProcessExecutor(GenerationExecutor):
             self._results[request.request_id] = result
         except Exception as exc:  # noqa: BLE001
             logger.exception("could not add request %d", request.request_id)
-            self._deliver([(result, Response([], finished=True, finish_reason="error", error=str(exc)))])
+            self._finish(result, "error", str(exc))
+
+    def _finish(self, result: GenerationResult, finish_reason: str, error: str | None = None) -> None:
+        """Deliver a request's final, empty response (cancelled or refused)."""
+        self._deliver([(result, Response([], finished=True, finish_reason=finish_reason, error=error))])
 
     def _abort(self, client_id: int) -> None:
         cancelled = self.engine.finish_client_request(client_id, FinishReason.CANCELLED)
@@ -211,7 +215,7 @@ class InProcessExecutor(GenerationExecutor):
             result = self._results.pop(client_id, None)
             self._outputs.remove(client_id)
             if result is not None:
-                self._deliver([(result, Response([], finished=True, finish_reason=FinishReason.CANCELLED.value))])
+                self._finish(result, FinishReason.CANCELLED.value)
 
     def _fail_all(self, message: str) -> list[RequestUpdate]:
         updates = []

@@ -15,9 +15,7 @@ import triton.language as tl
 from rtllm.kernels.kv_quant import (
     KV_QMAX,
     check_kv_scale,
-    quantize_kv,
-    raw_view,
-    value_codes_by_head,
+    store_quantized_rows,
 )
 from rtllm.kernels.pdl import allow_dependents, use_pdl, wait_for_producers
 
@@ -245,16 +243,10 @@ def write_kv_cache_ref(
     quantized = check_kv_scale(kv_cache, kv_scale)
     keep = slot_mapping >= 0
     slots = slot_mapping[keep].long()
+    if quantized:
+        store_quantized_rows(kv_cache, kv_scale, key[keep], value[keep], slots)
+        return
     tokens_per_block = kv_cache.shape[2]
     blocks, offsets = slots // tokens_per_block, slots % tokens_per_block
-    if quantized:
-        # Raw bytes: CPU PyTorch cannot index fp8. V is stored transposed (kv_quant).
-        k_codes, k_scale = quantize_kv(key[keep], kv_cache.dtype)
-        v_codes, v_scale = quantize_kv(value[keep], kv_cache.dtype)
-        raw_view(kv_cache)[0, blocks, offsets] = raw_view(k_codes)
-        value_codes_by_head(kv_cache)[blocks, :, :, offsets] = raw_view(v_codes)
-        kv_scale[0, blocks, offsets] = k_scale
-        kv_scale[1, blocks, offsets] = v_scale
-        return
     kv_cache[0, blocks, offsets] = key[keep].to(kv_cache.dtype)
     kv_cache[1, blocks, offsets] = value[keep].to(kv_cache.dtype)

@@ -164,6 +164,22 @@ def code_rows(data: torch.Tensor) -> torch.Tensor:
     return rows.view(data.dtype)
 
 
+def store_quantized_rows(
+    data: torch.Tensor, scale: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor
+) -> None:
+    """Quantize K/V rows ``[T, num_kv_heads, head_dim]`` and store codes and scales at
+    cache ``slots`` (int64, ``block * tokens_per_block + offset``, none negative): the
+    PyTorch counterpart of the write kernel (V codes transposed per block)."""
+    tokens_per_block = data.shape[2]
+    blocks, offsets = slots // tokens_per_block, slots % tokens_per_block
+    k_codes, k_scale = quantize_kv(key, data.dtype)
+    v_codes, v_scale = quantize_kv(value, data.dtype)
+    raw_view(data)[0, blocks, offsets] = raw_view(k_codes)  # raw bytes: CPU cannot index fp8
+    value_codes_by_head(data)[blocks, :, :, offsets] = raw_view(v_codes)
+    scale[0, blocks, offsets] = k_scale
+    scale[1, blocks, offsets] = v_scale
+
+
 def store_code_rows(data: torch.Tensor, rows: torch.Tensor) -> None:
     """Write logical code rows ``[2, num_blocks, tokens_per_block, num_kv_heads,
     head_dim]`` (``data``'s dtype) into the cache ``data`` (V transposed per block)."""

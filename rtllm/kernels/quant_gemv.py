@@ -53,6 +53,7 @@ from rtllm.kernels.quant_layout import (
     PackedQuantWeight,
     dequant_field,
 )
+from rtllm.kernels.silu_and_mul import silu_mul
 from rtllm.kernels.split_counters import MAX_SPLIT_TILES, split_counters
 
 #: Largest ``BLOCK_M`` (rows of ``x`` per program); larger M loops over row tiles.
@@ -259,7 +260,7 @@ def _write_out(out_ptr, bias_ptr, total, offs_m, offs_n, n_ok, pid_n, M, half_n,
         gate, up = tl.split(pairs)
         gate = gate.to(out_ptr.dtype.element_ty).to(tl.float32)
         up = up.to(out_ptr.dtype.element_ty).to(tl.float32)
-        y = gate / (1.0 + tl.exp(-gate)) * up
+        y = silu_mul(gate, up)
         cols = (pid_n * HALF + tl.arange(0, HALF))[None, :]
         tl.store(out_ptr + m2.to(tl.int64) * stride_om + cols, y.to(out_ptr.dtype.element_ty),
                  mask=(m2 < M) & (cols < half_n))

@@ -27,6 +27,13 @@ _FP8_BLOCK = 2048  # the fused FP8 kernel's column tile (wider rows take two pas
 
 
 @triton.jit
+def silu_mul(gate, up):
+    """``silu(gate) * up`` of float32 tiles: the one formula of every kernel that applies
+    the activation (here and the gated GEMV's epilogue), so they agree bit for bit."""
+    return gate / (1.0 + tl.exp(-gate)) * up
+
+
+@triton.jit
 def _silu_and_mul_kernel(
     x_ptr,
     out_ptr,
@@ -44,7 +51,7 @@ def _silu_and_mul_kernel(
     mask = cols < d
     gate = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
     up = tl.load(x_ptr + row * stride_x + d + cols, mask=mask, other=0.0).to(tl.float32)
-    y = gate / (1.0 + tl.exp(-gate)) * up
+    y = silu_mul(gate, up)
     tl.store(out_ptr + row * stride_o + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -55,7 +62,7 @@ def _silu_mul_tile(x_row, k, d, offs, BLOCK: tl.constexpr):
     mask = k + offs < d
     gate = tl.load(x_row + k + offs, mask=mask, other=0.0).to(tl.float32)
     up = tl.load(x_row + d + k + offs, mask=mask, other=0.0).to(tl.float32)
-    return (gate / (1.0 + tl.exp(-gate)) * up).to(x_row.dtype.element_ty).to(tl.float32)
+    return silu_mul(gate, up).to(x_row.dtype.element_ty).to(tl.float32)
 
 
 @triton.jit

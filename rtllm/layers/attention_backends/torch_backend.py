@@ -24,8 +24,8 @@ from rtllm.kernels.kv_quant import (
     KVCacheLayer,
     QuantizedKVCache,
     dequantize_kv,
-    quantize_kv,
     raw_view,
+    store_quantized_rows,
     value_codes_by_head,
 )
 from rtllm.layers.attention_backends.base import (
@@ -162,21 +162,13 @@ def _store_and_gather_quantized(
     """Quantize this step's rows into ``cache``; return the step's blocks dequantized to
     ``dtype``, ``[2, B * max_blocks, tokens_per_block, Hkv, D]``."""
     data, scale = cache
-    _, num_blocks, bs, num_kv_heads, head_dim = data.shape
-    raw = raw_view(data)
-    flat_keys = raw[0].view(num_blocks * bs, num_kv_heads, head_dim)
-    flat_scale = scale.view(2, num_blocks * bs, num_kv_heads)
-    k_codes, k_scale = quantize_kv(key, data.dtype)
-    v_codes, v_scale = quantize_kv(value, data.dtype)
-    flat_keys.index_copy_(0, metadata.slot_mapping, raw_view(k_codes))
+    store_quantized_rows(data, scale, key, value, metadata.slot_mapping.long())
     # V codes are stored transposed per block, [Hkv, D, tokens] (kv_quant).
-    slots = metadata.slot_mapping.long()
-    values_by_head = value_codes_by_head(data)
-    values_by_head[slots // bs, :, :, slots % bs] = raw_view(v_codes)
-    flat_scale[0].index_copy_(0, metadata.slot_mapping, k_scale)
-    flat_scale[1].index_copy_(0, metadata.slot_mapping, v_scale)
     blocks = metadata.block_ids
     codes = torch.stack(
-        (raw[0].index_select(0, blocks), values_by_head.index_select(0, blocks).permute(0, 3, 1, 2))
+        (
+            raw_view(data)[0].index_select(0, blocks),
+            value_codes_by_head(data).index_select(0, blocks).permute(0, 3, 1, 2),
+        )
     ).view(data.dtype)
     return dequantize_kv(codes, scale.index_select(1, blocks), dtype)

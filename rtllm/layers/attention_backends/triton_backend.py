@@ -76,6 +76,7 @@ class TritonAttentionMetadata:
     cached_max_seq_len: int = 0
     prompt_tables: torch.Tensor | None = None
 
+
 def _pinned(n: int, device: torch.device) -> torch.Tensor:
     return torch.empty(n, dtype=torch.int32, pin_memory=device.type == "cuda")
 
