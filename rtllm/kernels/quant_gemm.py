@@ -4,6 +4,8 @@ Entry point :func:`quant_linear` (``x @ dequant(W)^T + bias``). Weight layout an
 shared dequantization helper: :mod:`rtllm.kernels.quant_layout` (re-exported here, the
 historical home of the packing API). Paths, picked per ``(M bucket, N, K, format)``:
 
+* ``"gemv_mma"`` (``M <= 8``, int4, CUDA with NVRTC): :mod:`rtllm.kernels.quant_gemv_mma`,
+  a CUDA C++ kernel that feeds 16-bit dequantized codes to the tensor cores.
 * ``"gemv"`` (``M <= 8``, decode): :mod:`rtllm.kernels.quant_gemv`, float32 FMAs with
   the zero point and scale applied per block on the accumulator side.
 * ``"gemm"``: ``_gemm_kernel`` below, ``BLOCK_M x BLOCK_N`` tiles; each K step loads a
@@ -36,6 +38,7 @@ import triton
 import triton.language as tl
 
 from rtllm.kernels.quant_gemv import GEMV_MAX_BLOCK_M, GemvConfig, gemv_supported, quant_gemv
+from rtllm.kernels.quant_gemv_mma import MmaGemvConfig, mma_gemv
 from rtllm.kernels.quant_layout import (
     MAGIC_64,
     MAGIC_1024,
@@ -224,6 +227,10 @@ def _gemv_config(cfg: QuantGemmConfig) -> GemvConfig:
     )
 
 
+def _mma_gemv_config(cfg: QuantGemmConfig) -> MmaGemvConfig:
+    return MmaGemvConfig(cfg.num_warps or 8, cfg.chunk or 8, cfg.num_stages or 4)
+
+
 def _run(
     x2: torch.Tensor,
     packed: PackedQuantWeight,
@@ -241,12 +248,17 @@ def _run(
                 x2[r : r + GEMV_MAX_BLOCK_M], packed, bias, out[r : r + GEMV_MAX_BLOCK_M], gemv
             )
         return
+    if cfg.kernel == "gemv_mma":
+        mma_gemv(x2, packed, bias, out, _mma_gemv_config(cfg))
+        return
     if cfg.kernel == "dequant":
         w = dequantize_weight(packed, x2.dtype)
         out.copy_(F.linear(x2, w, bias))
         return
     if cfg.kernel != "gemm":
-        raise ValueError(f"kernel must be 'gemv', 'gemm' or 'dequant', got {cfg.kernel!r}")
+        raise ValueError(
+            f"kernel must be 'gemv', 'gemv_mma', 'gemm' or 'dequant', got {cfg.kernel!r}"
+        )
     on_gpu = x2.is_cuda
     block_m = cfg.block_m or (16 if m <= 16 else 32 if m <= 32 else 64 if m <= 64 else 128)
     block_n = cfg.block_n or (64 if m <= 16 or not on_gpu else 128 if m <= 64 else 256)
@@ -369,6 +381,10 @@ def quant_linear_silu_and_mul(
         x2 = x2.contiguous()
     m = x2.shape[0]
     cfg = pick(x2, packed, bias, _run) if gemv_supported(m) else None
+    if cfg is not None and cfg.kernel == "gemv_mma":
+        out = torch.empty(m, n // 2, dtype=x.dtype, device=x.device)
+        mma_gemv(x2, packed, bias, out, _mma_gemv_config(cfg), gated=True)
+        return out.reshape(*x.shape[:-1], n // 2)
     if cfg is None or cfg.kernel != "gemv":
         from rtllm.kernels.silu_and_mul import silu_and_mul
 

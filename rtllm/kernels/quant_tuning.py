@@ -20,6 +20,7 @@ import triton
 
 from rtllm.kernels.graph_timing import graph_time_us, l2_overflow_copies
 from rtllm.kernels.quant_gemv import GEMV_MAX_BLOCK_M
+from rtllm.kernels.quant_gemv_mma import mma_gemv_supported
 from rtllm.kernels.quant_layout import PackedQuantWeight
 
 #: ``M`` up to which the GEMV kernel is a candidate (its FMAs per code grow with M;
@@ -44,10 +45,12 @@ _timings: dict[tuple, list[tuple[QuantGemmConfig, float]]] = {}
 class QuantGemmConfig:
     """A launch configuration of :func:`quant_linear`; ``None`` fields use heuristics.
 
-    ``kernel``: ``"gemv"``, ``"gemm"`` or ``"dequant"`` (default: tuned, see module
-    docstring); ``chunk``: GEMM: 4-word blocks per K step (``4 * chunk >= 16``, the
-    dot's K); GEMV: blocks per step (a power of two, ``32 * num_warps`` on a GPU: one
-    per thread); ``split_k``: K slices (1: no partials).
+    ``kernel``: ``"gemv"``, ``"gemv_mma"``, ``"gemm"`` or ``"dequant"`` (default:
+    tuned, see module docstring); ``chunk``: GEMM: 4-word blocks per K step
+    (``4 * chunk >= 16``, the dot's K); GEMV: blocks per step (a power of two,
+    ``32 * num_warps`` on a GPU: one per thread); tensor-core GEMV: blocks per pipeline
+    step, with ``num_warps`` K slices per CTA and ``num_stages`` steps in flight;
+    ``split_k``: K slices (1: no partials).
     """
 
     kernel: str | None = None
@@ -73,11 +76,19 @@ def gemm_split(tiles: int, num_blocks: int, chunk: int, num_sms: int) -> int:
     return max(1, min(triton.cdiv(num_sms, tiles), steps // 4))
 
 
+#: ``(num_warps, chunk = blocks per step, num_stages)`` of the tensor-core int4 GEMV
+#: (:mod:`rtllm.kernels.quant_gemv_mma`) the tuner times: the best four of an H200
+#: sweep at Llama-3-8B shapes, M = 1 (benchmarks/RESULTS.md).
+MMA_GEMV_TILES = ((4, 8, 4), (8, 8, 4), (8, 4, 4), (4, 16, 3))
+
+
 def candidates(
-    m: int, n: int, k: int, bits: int, num_sms: int, per_channel: bool = False
+    m: int, n: int, k: int, bits: int, num_sms: int, per_channel: bool = False, mma_gemv: bool = False
 ) -> list[QuantGemmConfig]:
     """Configurations the tuner times for an ``[m, k] x [n, k]`` product, the heuristic
-    default first (the only one run untuned)."""
+    default first (the only one run untuned). ``mma_gemv``: the call qualifies for the
+    CUDA tensor-core GEMV (:func:`rtllm.kernels.quant_gemv_mma.mma_gemv_supported`),
+    whose configurations are added after the Triton ones."""
     out: list[QuantGemmConfig] = []
     if m <= GEMV_MAX_M:
         # GEMV (block_n, num_warps) by BLOCK_M: registers hold BLOCK_M * block_n * 4
@@ -111,6 +122,8 @@ def candidates(
             # with two steps of weight loads in flight (``num_stages`` is the GEMV's
             # prefetch depth).
             out += [dataclasses.replace(c, num_stages=2) for c in gemv]
+        if mma_gemv:
+            out += [QuantGemmConfig("gemv_mma", None, None, s, 1, w, st) for w, s, st in MMA_GEMV_TILES]
     if m > 1:
         # GEMM tiles (H200 sweeps of the previous kernel: 16x64 for M <= 16, 64x128 for
         # M <= 64, 128x256 with 8 warps beyond).
@@ -151,7 +164,8 @@ def pick(
     cfg = _tuned.get(key)
     if cfg is not None:
         return cfg
-    cands = candidates(m, n, k, packed.bits, sms, packed.per_channel)
+    mma = on_gpu and m <= GEMV_MAX_M and mma_gemv_supported(x2, packed)
+    cands = candidates(m, n, k, packed.bits, sms, packed.per_channel, mma)
     if not on_gpu:
         return cands[0]
     if len(cands) == 1 or not _TUNE or torch.cuda.is_current_stream_capturing():

@@ -1,0 +1,326 @@
+// Batch-1..8 int4 GEMV on tensor cores: out[m, n] = sum_k x[m, k] * (q[n, k] - z) * s.
+// Python side, layout and reasoning: rtllm/kernels/quant_gemv_mma.py.
+//
+// Compile-time parameters (-D): IS_BF16 (x, bias, out are bf16, else fp16), SCALE_BF16
+// (scales / zeros are bf16, else fp16), STEP_BLOCKS (4-word blocks per pipeline step),
+// STAGES (steps in flight), GROUP_BLOCKS (blocks per quantization group, 0: per
+// channel), GATED ([gate; up] weight, silu(gate) * up written), HAS_BIAS.
+//
+// A CTA owns 16 weight rows; each warp a K slice of them. Per step a warp copies its
+// 16 rows x STEP_BLOCKS blocks (16 bytes each) into shared memory with cp.async, then
+// each lane (g = lane / 4, q = lane % 4) dequantizes word q of every block for rows g
+// and g + 8 and issues two m16n8k16 MMAs per block with the weights as the A operand
+// and up to 8 rows of x as the B operand's columns.
+//
+// No CUDA headers are included (NVRTC ships none): 16-bit values travel as raw bits.
+
+typedef unsigned int u32;
+typedef unsigned short u16;
+typedef unsigned long long u64;
+
+#if IS_BF16
+#define MAGIC_PAIR 0x43004300u  // bf16 128.0 in both halves: 128 + 2q is exact
+#define MAGIC_F 128.0f
+#define MMA_TYPE "bf16"
+#else
+#define MAGIC_PAIR 0x64006400u  // fp16 1024.0 in both halves: 1024 + 2q is exact
+#define MAGIC_F 1024.0f
+#define MMA_TYPE "f16"
+#endif
+
+#define W_ROW (4 * STEP_BLOCKS + 4)  // words per weight row in a stage (+4: no bank conflicts)
+#define GROUPS_PER_STEP ((GROUP_BLOCKS == 0 || GROUP_BLOCKS >= STEP_BLOCKS) ? 1 : STEP_BLOCKS / GROUP_BLOCKS)
+#define STAGE_WORDS (16 * W_ROW + 16 * GROUPS_PER_STEP)
+#define STEP_CHUNKS (16 * STEP_BLOCKS + 4 * GROUPS_PER_STEP)
+#define COPY_ROUNDS ((STEP_CHUNKS + 31) / 32)
+
+__device__ __forceinline__ float half_bits_to_float(u32 h, bool bf16) {
+  if (bf16) return __uint_as_float(h << 16);
+  float f;
+  asm("{ .reg .b16 t; cvt.u16.u32 t, %1; cvt.f32.f16 %0, t; }" : "=f"(f) : "r"(h));
+  return f;
+}
+
+__device__ __forceinline__ float x_to_float(u32 h) { return half_bits_to_float(h, IS_BF16); }
+
+__device__ __forceinline__ u16 float_to_x(float f) {
+  u16 h;
+#if IS_BF16
+  asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(f));
+#else
+  asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+#endif
+  return h;
+}
+
+__device__ __forceinline__ u32 smem_addr(const void* p) {
+  return static_cast<u32>(__cvta_generic_to_shared(p));
+}
+
+// 16 bytes global -> shared, bypassing L1; !valid: zero-fill without reading.
+__device__ __forceinline__ void cp_async16(u32 dst, const void* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0));
+}
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
+
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+}
+
+// d += A (16x16, the weights) * B (16x8, x), float32 accumulate.
+__device__ __forceinline__ void mma(float* d, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32." MMA_TYPE "." MMA_TYPE ".f32 "
+      "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// (a & 0x001E001E) | magic in one LOP3 (written in C, the compiler splits it in two:
+// LOP3 has one immediate slot, so magic must come in a register).
+__device__ __forceinline__ u32 and_or(u32 a, u32 magic) {
+  u32 r;
+  asm("lop3.b32 %0, %1, 0x001E001E, %2, 0xEA;" : "=r"(r) : "r"(a), "r"(magic));
+  return r;
+}
+
+// Word w (stored rotated left by one bit, quant_layout.py) holds fields f0..f7. Pair p
+// is (f_p, f_p+4) moved to bits 1..4 and 17..20 and or-ed into the magic pair: the
+// 16-bit values MAGIC + 2 f (exact). One shift (none for p = 0) and one LOP3 per pair;
+// f7 wraps around bit 31, hence the funnel shift for p = 3.
+__device__ __forceinline__ void dequant_pairs(u32 w, u32 magic, u32* p) {
+  p[0] = and_or(w, magic);
+  p[1] = and_or(w >> 4, magic);
+  p[2] = and_or(w >> 8, magic);
+  p[3] = and_or(__funnelshift_r(w, w, 12), magic);
+}
+
+extern "C" __global__ void int4_gemv_mma(
+    const u32* __restrict__ qweight,  // [N, K / 8] int32 words
+    const u16* __restrict__ scales,   // [G, N]
+    const u16* __restrict__ zeros,    // [G, N]
+    const u16* __restrict__ x,        // [M, K], row stride stride_x
+    const u16* __restrict__ bias,     // [N]
+    u16* __restrict__ out,            // [M, N] (gated: [M, N / 2]), row stride stride_out
+    int M, int N, int K, int stride_x, int stride_out, int blocks_per_warp) {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;");
+#endif
+  extern __shared__ __align__(16) u32 smem[];
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int num_warps = blockDim.x >> 5;
+  const int g = lane >> 2, q = lane & 3;
+  const int words_per_row = K >> 3;
+  const int num_blocks = K >> 5;
+  const int tile = blockIdx.x;
+  // The tile's rows: lo = rows g (0..7), hi = rows g + 8; gated: gate rows and the
+  // matching up rows, so one lane holds both factors of an output.
+  const int base_lo = GATED ? tile * 8 : tile * 16;
+  const int base_hi = GATED ? (N >> 1) + tile * 8 : tile * 16 + 8;
+
+  // Per-warp shared memory: STAGES stages | x fragments | per-block x sums | group sums.
+  const int slice_blocks = blocks_per_warp;
+  const int num_intervals = GROUP_BLOCKS == 0 ? 1 : slice_blocks / GROUP_BLOCKS;
+  const int warp_words = STAGES * STAGE_WORDS + M * slice_blocks * 16 + slice_blocks * 8 + num_intervals * 8;
+  u32* stages = smem + warp * warp_words;
+  uint4* xfrag = reinterpret_cast<uint4*>(stages + STAGES * STAGE_WORDS);
+  float* block_sums = reinterpret_cast<float*>(stages + STAGES * STAGE_WORDS + M * slice_blocks * 16);
+  float* group_sums = block_sums + slice_blocks * 8;
+
+  const int blk0 = warp * blocks_per_warp;
+  const int blk_end = min(blk0 + blocks_per_warp, num_blocks);
+  const int num_steps = blk_end > blk0 ? (blk_end - blk0 + STEP_BLOCKS - 1) / STEP_BLOCKS : 0;
+  const int num_groups = GROUP_BLOCKS == 0 ? 1 : num_blocks / GROUP_BLOCKS;
+
+  // One step's copies: 16 rows x STEP_BLOCKS blocks of weights, then per group of the
+  // step the scales and zeros of the lo and hi rows (8 x 16 bits = 16 bytes each).
+  // Chunk c = 32 i + lane is copied by lane in round i; its source advances by
+  // STEP_BLOCKS blocks a step. Blocks past the slice are zero-filled, not read (their
+  // x is zero too).
+  const u32* w_src[COPY_ROUNDS];
+  u32 w_dst[COPY_ROUNDS];
+  const int chunk_block = lane % STEP_BLOCKS;  // the same in every round (32 % STEP_BLOCKS == 0)
+#pragma unroll
+  for (int i = 0; i < COPY_ROUNDS; ++i) {
+    const int c = 32 * i + lane;
+    if (c < 16 * STEP_BLOCKS) {
+      const int r = c / STEP_BLOCKS;
+      const int row = min((r < 8 ? base_lo : base_hi - 8) + r, N - 1);
+      w_src[i] = qweight + (size_t)row * words_per_row + 4 * (blk0 + chunk_block);
+      w_dst[i] = smem_addr(stages + r * W_ROW + 4 * chunk_block);
+    } else {
+      const int cc = min(c - 16 * STEP_BLOCKS, 4 * GROUPS_PER_STEP - 1);
+      const int kind = cc & 3;
+      w_src[i] = reinterpret_cast<const u32*>((kind < 2 ? scales : zeros) + ((kind & 1) ? base_hi : base_lo));
+      w_dst[i] = smem_addr(stages + 16 * W_ROW + 4 * cc);
+    }
+  }
+  auto issue = [&](int step) {
+    const u32 stage_off = (step % STAGES) * STAGE_WORDS * 4;
+    const int blk = blk0 + step * STEP_BLOCKS;
+#pragma unroll
+    for (int i = 0; i < COPY_ROUNDS; ++i) {
+      const int c = 32 * i + lane;
+      if (32 * (i + 1) <= 16 * STEP_BLOCKS) {
+        cp_async16(w_dst[i] + stage_off, w_src[i] + 4 * step * STEP_BLOCKS, blk + chunk_block < blk_end);
+      } else if (c < STEP_CHUNKS) {
+        // scales / zeros of group gi of the step (per channel: group 0 every step)
+        const int gi = (c - 16 * STEP_BLOCKS) >> 2;
+        const int grp = GROUP_BLOCKS == 0 ? 0 : (blk + gi * GROUP_BLOCKS) / (GROUP_BLOCKS == 0 ? 1 : GROUP_BLOCKS);
+        cp_async16(w_dst[i] + stage_off,
+                   reinterpret_cast<const u16*>(w_src[i]) + (size_t)min(grp, num_groups - 1) * N, true);
+      }
+    }
+  };
+
+#pragma unroll
+  for (int s = 0; s < STAGES - 1; ++s) {
+    if (s < num_steps) issue(s);
+    cp_async_commit();
+  }
+  // Weights are constant: the copies above overlap the previous kernel under PDL; x is
+  // read only after it completed.
+#if __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+
+  // x fragments: for block b and x row m, lane quad q's B operands are
+  // (x[q], x[16+q]), (x[4+q], x[20+q]) (first MMA), (x[8+q], x[24+q]), (x[12+q], x[28+q])
+  // (second MMA) of the block's 32 channels, matching dequant_pairs' pairs of word q.
+  // Channels past the slice read as zero, so their weights add nothing.
+  for (int i = lane; i < M * slice_blocks; i += 32) {
+    const int m = i / slice_blocks, b = i % slice_blocks;
+    u32 r[16];
+    if (blk0 + b < blk_end) {
+      const uint4* src = reinterpret_cast<const uint4*>(x + (size_t)m * stride_x + (size_t)(blk0 + b) * 32);
+#pragma unroll
+      for (int v = 0; v < 4; ++v) {
+        uint4 t = src[v];
+        r[4 * v] = t.x; r[4 * v + 1] = t.y; r[4 * v + 2] = t.z; r[4 * v + 3] = t.w;
+      }
+    } else {
+#pragma unroll
+      for (int v = 0; v < 16; ++v) r[v] = 0;
+    }
+    float sum = 0.f;
+#pragma unroll
+    for (int v = 0; v < 16; ++v) sum += x_to_float(r[v] & 0xFFFFu) + x_to_float(r[v] >> 16);
+    block_sums[b * 8 + m] = sum;
+#pragma unroll
+    for (int qq = 0; qq < 4; ++qq) {
+      u32 f[4];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        // channels c = 4 j + qq (low half) and c + 16 (high half); x[c] is half c % 2 of r[c / 2]
+        const int c = 4 * j + qq, d = c + 16;
+        const u32 sel = ((c & 1) ? 0x32u : 0x10u) | ((d & 1) ? 0x7600u : 0x5400u);
+        f[j] = __byte_perm(r[c >> 1], r[d >> 1], sel);
+      }
+      xfrag[(m * slice_blocks + b) * 4 + qq] = make_uint4(f[0], f[1], f[2], f[3]);
+    }
+  }
+  __syncwarp();
+  // x sums per flush interval (a group, or the slice when per channel) and column; the
+  // columns past M repeat row M - 1, as the lanes reading x do.
+  for (int i = lane; i < num_intervals * 8; i += 32) {
+    const int iv = i >> 3, col = i & 7, m = min(col, M - 1);
+    const int len = GROUP_BLOCKS == 0 ? slice_blocks : GROUP_BLOCKS;
+    float sum = 0.f;
+    for (int b = iv * len; b < (iv + 1) * len; ++b) sum += block_sums[b * 8 + m];
+    group_sums[i] = sum;
+  }
+  __syncwarp();
+
+  // d: this group's MMA sums of (MAGIC + 2q) x; acc += s / 2 * (d - (MAGIC + 2z) * sum x).
+  float acc[4] = {0.f, 0.f, 0.f, 0.f};
+  float d[4] = {0.f, 0.f, 0.f, 0.f};
+  float s_lo = 0.f, s_hi = 0.f, zz_lo = 0.f, zz_hi = 0.f, sx0 = 0.f, sx1 = 0.f;
+  int interval = 0;
+  const int xm = min(g, M - 1);
+  // In a register (see and_or); the empty asm keeps the compiler from folding it back.
+  u32 magic = MAGIC_PAIR;
+  asm volatile("" : "+r"(magic));
+  const uint4* x_lane = xfrag + xm * slice_blocks * 4 + q;
+  auto flush = [&]() {
+    acc[0] += s_lo * fmaf(-zz_lo, sx0, d[0]);
+    acc[1] += s_lo * fmaf(-zz_lo, sx1, d[1]);
+    acc[2] += s_hi * fmaf(-zz_hi, sx0, d[2]);
+    acc[3] += s_hi * fmaf(-zz_hi, sx1, d[3]);
+    d[0] = d[1] = d[2] = d[3] = 0.f;
+  };
+  auto start_group = [&](const u32* st, int gi) {
+    flush();
+    const u16* sz = reinterpret_cast<const u16*>(st + 16 * W_ROW + 16 * gi);
+    s_lo = 0.5f * half_bits_to_float(sz[g], SCALE_BF16);
+    s_hi = 0.5f * half_bits_to_float(sz[8 + g], SCALE_BF16);
+    zz_lo = fmaf(2.f, half_bits_to_float(sz[16 + g], SCALE_BF16), MAGIC_F);
+    zz_hi = fmaf(2.f, half_bits_to_float(sz[24 + g], SCALE_BF16), MAGIC_F);
+    const float2 sx = *reinterpret_cast<const float2*>(group_sums + interval * 8 + 2 * q);
+    sx0 = sx.x;
+    sx1 = sx.y;
+    ++interval;
+  };
+
+  for (int step = 0; step < num_steps; ++step) {
+    cp_async_wait<STAGES - 2>();
+    __syncwarp();  // every lane's copies of this step landed; the oldest stage is free
+    if (step + STAGES - 1 < num_steps) issue(step + STAGES - 1);
+    cp_async_commit();
+    const u32* st = stages + (step % STAGES) * STAGE_WORDS;
+    const u32* w_lane = st + g * W_ROW + q;
+    const uint4* x_step = x_lane + step * STEP_BLOCKS * 4;
+#pragma unroll
+    for (int b = 0; b < STEP_BLOCKS; ++b) {
+      if (GROUP_BLOCKS == 0) {
+        if (step == 0 && b == 0) start_group(st, 0);
+      } else if (GROUP_BLOCKS <= STEP_BLOCKS) {
+        if (b % (GROUP_BLOCKS == 0 ? 1 : GROUP_BLOCKS) == 0) start_group(st, b / (GROUP_BLOCKS == 0 ? 1 : GROUP_BLOCKS));
+      } else if (b == 0 && (step * STEP_BLOCKS) % (GROUP_BLOCKS == 0 ? 1 : GROUP_BLOCKS) == 0) {
+        start_group(st, 0);
+      }
+      u32 lo[4], hi[4];
+      dequant_pairs(w_lane[4 * b], magic, lo);
+      dequant_pairs(w_lane[8 * W_ROW + 4 * b], magic, hi);
+      const uint4 xf = x_step[4 * b];
+      mma(d, lo[0], hi[0], lo[1], hi[1], xf.x, xf.y);
+      mma(d, lo[2], hi[2], lo[3], hi[3], xf.z, xf.w);
+    }
+  }
+  flush();
+
+  // Sum the warps' partials: lane (g, q) holds rows g / g + 8, columns 2q, 2q + 1.
+  cp_async_wait<0>();
+  __syncthreads();
+  float* red = reinterpret_cast<float*>(smem);
+  *reinterpret_cast<float4*>(red + (warp * 32 + lane) * 4) = make_float4(acc[0], acc[1], acc[2], acc[3]);
+  __syncthreads();
+  const int outputs = GATED ? 64 : 128;
+  for (int i = threadIdx.x; i < outputs; i += blockDim.x) {
+    const int col = i & 7;
+    if (col >= M) continue;
+    const int r = i >> 3;  // tile row 0..15 (gated: 0..7, the gate row; + 8 its up row)
+    const int src_lane = (r & 7) * 4 + (col >> 1);
+    const int e = (r >= 8 ? 2 : 0) + (col & 1);
+    float total = 0.f;
+    for (int w = 0; w < num_warps; ++w) total += red[(w * 32 + src_lane) * 4 + e];
+    if (GATED) {
+      float up = 0.f;
+      for (int w = 0; w < num_warps; ++w) up += red[(w * 32 + src_lane) * 4 + 2 + (col & 1)];
+      if (HAS_BIAS) {
+        total += x_to_float(bias[base_lo + r]);
+        up += x_to_float(bias[base_hi + r]);
+      }
+      // As the separate activation kernel: gate and up rounded to the output dtype first.
+      const float gate = x_to_float(float_to_x(total));
+      up = x_to_float(float_to_x(up));
+      const float y = gate / (1.f + __expf(-gate)) * up;
+      if (base_lo + r < (N >> 1)) out[(size_t)col * stride_out + base_lo + r] = float_to_x(y);
+    } else {
+      const int row = base_lo + r;  // base_hi == base_lo + 8
+      if (HAS_BIAS) total += x_to_float(bias[min(row, N - 1)]);
+      if (row < N) out[(size_t)col * stride_out + row] = float_to_x(total);
+    }
+  }
+}
