@@ -178,7 +178,7 @@ def _cached_cubin(file: str, defines: tuple[tuple[str, int], ...], arch: str) ->
     return cubin
 
 
-@dataclass
+@dataclass(eq=False)
 class CudaKernel:
     """One loaded kernel function of a compiled source (:func:`load_kernel`)."""
 
@@ -196,12 +196,7 @@ class CudaKernel:
     ) -> None:
         """Launch on PyTorch's current stream. ``args`` are ctypes values in the
         kernel's parameter order (``ctypes.c_void_p(t.data_ptr())`` for tensors)."""
-        if shared_mem > self.max_dynamic_smem:
-            _check(
-                _driver().cuFuncSetAttribute(self.function, _FUNC_ATTR_MAX_DYNAMIC_SMEM, shared_mem),
-                "cuFuncSetAttribute",
-            )
-            self.max_dynamic_smem = shared_mem
+        self._allow_smem(shared_mem)
         params = (ctypes.c_void_p * len(args))(*[ctypes.addressof(a) for a in args])
         attr = _LaunchAttribute()
         attr.id = _ATTR_PDL
@@ -211,6 +206,29 @@ class CudaKernel:
             ctypes.pointer(attr) if pdl else None, 1 if pdl else 0,
         )
         _check(_driver().cuLaunchKernelEx(ctypes.byref(cfg), self.function, params, None), "cuLaunchKernelEx")
+
+
+    def _allow_smem(self, shared_mem: int) -> None:
+        if shared_mem > self.max_dynamic_smem:
+            _check(
+                _driver().cuFuncSetAttribute(self.function, _FUNC_ATTR_MAX_DYNAMIC_SMEM, shared_mem),
+                "cuFuncSetAttribute",
+            )
+            self.max_dynamic_smem = shared_mem
+
+    @functools.cache  # noqa: B019 (kernels live as long as the process)
+    def blocks_per_sm(self, threads: int, shared_mem: int) -> int:
+        """How many CTAs of ``threads`` threads and ``shared_mem`` dynamic shared bytes
+        fit on one SM at once (the driver's occupancy calculator)."""
+        self._allow_smem(shared_mem)
+        count = ctypes.c_int()
+        _check(
+            _driver().cuOccupancyMaxActiveBlocksPerMultiprocessor(
+                ctypes.byref(count), self.function, threads, ctypes.c_size_t(shared_mem)
+            ),
+            "cuOccupancyMaxActiveBlocksPerMultiprocessor",
+        )
+        return count.value
 
 
 @functools.cache

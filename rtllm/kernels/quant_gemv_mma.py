@@ -25,6 +25,9 @@ shared memory:
 * **Weights through** ``cp.async`` (``STAGES`` steps of ``STEP_BLOCKS`` blocks in flight
   per warp, scales and zeros copied with them): loads that write no register cannot
   be sunk by ptxas towards their use, the failure mode of the Triton kernel.
+* **Persistent CTAs**: as many as fit on the GPU at once, each taking every
+  ``grid``-th tile of 16 rows, so x is permuted once per CTA and the copy pipeline
+  runs on from one tile into the next.
 * **K split over a CTA's warps**, reduced through shared memory; the epilogue adds the
   bias and, for a ``[gate; up]`` weight (``gated``), writes ``silu(gate) * up`` (gate
   and up rounded to the output dtype first, as the separate activation kernel does).
@@ -57,7 +60,8 @@ _HALF = (torch.float16, torch.bfloat16)
 @dataclass(frozen=True)
 class MmaGemvConfig:
     """``warps`` per CTA (K slices of its 16 rows), ``step_blocks`` 4-word blocks per
-    pipeline step (a power of two <= 32), ``stages`` steps in flight (>= 2)."""
+    pipeline step (4, 8, 16 or 32: a copy round of 32 lanes then covers whole rows),
+    ``stages`` steps in flight (>= 2)."""
 
     warps: int = 8
     step_blocks: int = 8
@@ -97,7 +101,8 @@ def _layout(k: int, m: int, group_blocks: int, cfg: MmaGemvConfig) -> tuple[int,
     stage_words = 16 * (4 * cfg.step_blocks + 4) + 16 * groups_per_step
     intervals = 1 if group_blocks == 0 else per_warp // group_blocks
     warp_words = cfg.stages * stage_words + m * per_warp * 16 + per_warp * 8 + intervals * 8
-    return per_warp, warps, 4 * warps * warp_words
+    reduction_words = 2 * warps * 128  # two buffers of [warp][lane][4] float32
+    return per_warp, warps, 4 * (warps * warp_words + reduction_words)
 
 
 def mma_gemv(
@@ -116,8 +121,8 @@ def mma_gemv(
     """
     if not mma_gemv_supported(x2, packed, gated):
         raise ValueError("mma_gemv does not take this call (see mma_gemv_supported)")
-    if cfg.step_blocks not in (1, 2, 4, 8, 16, 32):
-        raise ValueError(f"MmaGemvConfig.step_blocks must be a power of two <= 32, got {cfg.step_blocks}")
+    if cfg.step_blocks not in (4, 8, 16, 32):
+        raise ValueError(f"MmaGemvConfig.step_blocks must be 4, 8, 16 or 32, got {cfg.step_blocks}")
     if cfg.stages < 2 or cfg.warps < 1:
         raise ValueError(f"MmaGemvConfig needs stages >= 2 and warps >= 1, got {cfg}")
     m, k = x2.shape
@@ -154,4 +159,8 @@ def mma_gemv(
         ctypes.c_int(out.stride(0)),
         ctypes.c_int(per_warp),
     ]
-    kernel.launch((n // 16, 1, 1), (32 * warps, 1, 1), smem, args, pdl=use_pdl(x2.device))
+    # Persistent CTAs: as many as fit at once, each taking an equal share of the tiles.
+    tiles = n // 16
+    resident = kernel.blocks_per_sm(32 * warps, smem) * torch.cuda.get_device_properties(device).multi_processor_count
+    grid = math.ceil(tiles / math.ceil(tiles / max(1, resident)))
+    kernel.launch((grid, 1, 1), (32 * warps, 1, 1), smem, args, pdl=use_pdl(x2.device))

@@ -79,7 +79,7 @@ def gemm_split(tiles: int, num_blocks: int, chunk: int, num_sms: int) -> int:
 #: ``(num_warps, chunk = blocks per step, num_stages)`` of the tensor-core int4 GEMV
 #: (:mod:`rtllm.kernels.quant_gemv_mma`) the tuner times: the best four of an H200
 #: sweep at Llama-3-8B shapes, M = 1 (benchmarks/RESULTS.md).
-MMA_GEMV_TILES = ((4, 8, 4), (8, 8, 4), (8, 4, 4), (4, 16, 3))
+MMA_GEMV_TILES = ((8, 32, 2), (4, 16, 3), (8, 16, 3), (8, 8, 4))
 
 
 def candidates(

@@ -100,7 +100,7 @@ def test_fragment_mapping_computes_the_product() -> None:
 
 @pytest.mark.parametrize("group_blocks", [0, 1, 2, 4, 8])
 @pytest.mark.parametrize(("k", "m"), [(4096, 1), (14336, 1), (1056, 5), (4128, 8)])
-@pytest.mark.parametrize("cfg", [MmaGemvConfig(*t) for t in MMA_GEMV_TILES] + [MmaGemvConfig(3, 2, 2)])
+@pytest.mark.parametrize("cfg", [MmaGemvConfig(*t) for t in MMA_GEMV_TILES] + [MmaGemvConfig(3, 4, 2)])
 def test_layout_covers_k_in_whole_groups(group_blocks: int, k: int, m: int, cfg: MmaGemvConfig) -> None:
     num_blocks = k // 32
     if group_blocks and num_blocks % group_blocks:
@@ -155,7 +155,7 @@ def test_gpu_matches_reference(dtype: torch.dtype, group_size: int, m: int) -> N
     x = torch.randn(m, k, device="cuda", dtype=dtype)
     bias = torch.randn(n, device="cuda", dtype=dtype)
     assert mma_gemv_supported(x, p)
-    for t in [*MMA_GEMV_TILES, (3, 2, 2)]:
+    for t in [*MMA_GEMV_TILES, (3, 4, 2)]:
         for b in (None, bias):
             out = torch.empty(m, n, device="cuda", dtype=dtype)
             mma_gemv(x, p, b, out, MmaGemvConfig(*t))

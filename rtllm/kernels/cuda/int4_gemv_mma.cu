@@ -6,7 +6,7 @@
 // STAGES (steps in flight), GROUP_BLOCKS (blocks per quantization group, 0: per
 // channel), GATED ([gate; up] weight, silu(gate) * up written), HAS_BIAS.
 //
-// A CTA owns 16 weight rows; each warp a K slice of them. Per step a warp copies its
+// A CTA takes tiles of 16 weight rows in turn (persistent); each warp a K slice of them. Per step a warp copies its
 // 16 rows x STEP_BLOCKS blocks (16 bytes each) into shared memory with cp.async, then
 // each lane (g = lane / 4, q = lane % 4) dequantizes word q of every block for rows g
 // and g + 8 and issues two m16n8k16 MMAs per block with the weights as the A operand
@@ -114,13 +114,16 @@ extern "C" __global__ void int4_gemv_mma(
   const int g = lane >> 2, q = lane & 3;
   const int words_per_row = K >> 3;
   const int num_blocks = K >> 5;
-  const int tile = blockIdx.x;
-  // The tile's rows: lo = rows g (0..7), hi = rows g + 8; gated: gate rows and the
-  // matching up rows, so one lane holds both factors of an output.
-  const int base_lo = GATED ? tile * 8 : tile * 16;
-  const int base_hi = GATED ? (N >> 1) + tile * 8 : tile * 16 + 8;
+  // Tiles of 16 rows: rows lo = g (0..7) and hi = g + 8; gated: 8 gate rows and the
+  // matching up rows, so one lane holds both factors of an output. A CTA takes tiles
+  // blockIdx.x, + gridDim.x, ...; its warps' K slices (and x) are the same for all.
+  const int num_tiles = N >> 4;
+  const int my_tiles = num_tiles > (int)blockIdx.x ? (num_tiles - blockIdx.x + gridDim.x - 1) / gridDim.x : 0;
+  auto row_lo = [&](int t) { return GATED ? t * 8 : t * 16; };
+  auto row_hi = [&](int t) { return GATED ? (N >> 1) + t * 8 : t * 16 + 8; };
 
-  // Per-warp shared memory: STAGES stages | x fragments | per-block x sums | group sums.
+  // Per-warp shared memory: STAGES stages | x fragments | per-block x sums | group sums;
+  // after all warps' regions, two buffers for the cross-warp reduction of a tile.
   const int slice_blocks = blocks_per_warp;
   const int num_intervals = GROUP_BLOCKS == 0 ? 1 : slice_blocks / GROUP_BLOCKS;
   const int warp_words = STAGES * STAGE_WORDS + M * slice_blocks * 16 + slice_blocks * 8 + num_intervals * 8;
@@ -128,56 +131,63 @@ extern "C" __global__ void int4_gemv_mma(
   uint4* xfrag = reinterpret_cast<uint4*>(stages + STAGES * STAGE_WORDS);
   float* block_sums = reinterpret_cast<float*>(stages + STAGES * STAGE_WORDS + M * slice_blocks * 16);
   float* group_sums = block_sums + slice_blocks * 8;
+  float* red = reinterpret_cast<float*>(smem + num_warps * warp_words);
 
+  // Every warp runs the same number of steps per tile (the CTA meets at a barrier per
+  // tile); blocks past K are zero-filled, not read, and meet x == 0.
   const int blk0 = warp * blocks_per_warp;
   const int blk_end = min(blk0 + blocks_per_warp, num_blocks);
-  const int num_steps = blk_end > blk0 ? (blk_end - blk0 + STEP_BLOCKS - 1) / STEP_BLOCKS : 0;
+  const int num_steps = blocks_per_warp / STEP_BLOCKS;
   const int num_groups = GROUP_BLOCKS == 0 ? 1 : num_blocks / GROUP_BLOCKS;
+  const int total_steps = my_tiles * num_steps;
 
   // One step's copies: 16 rows x STEP_BLOCKS blocks of weights, then per group of the
   // step the scales and zeros of the lo and hi rows (8 x 16 bits = 16 bytes each).
-  // Chunk c = 32 i + lane is copied by lane in round i; its source advances by
-  // STEP_BLOCKS blocks a step. Blocks past the slice are zero-filled, not read (their
-  // x is zero too).
-  const u32* w_src[COPY_ROUNDS];
-  u32 w_dst[COPY_ROUNDS];
-  const int chunk_block = lane % STEP_BLOCKS;  // the same in every round (32 % STEP_BLOCKS == 0)
-#pragma unroll
-  for (int i = 0; i < COPY_ROUNDS; ++i) {
-    const int c = 32 * i + lane;
-    if (c < 16 * STEP_BLOCKS) {
-      const int r = c / STEP_BLOCKS;
-      const int row = min((r < 8 ? base_lo : base_hi - 8) + r, N - 1);
-      w_src[i] = qweight + (size_t)row * words_per_row + 4 * (blk0 + chunk_block);
-      w_dst[i] = smem_addr(stages + r * W_ROW + 4 * chunk_block);
-    } else {
-      const int cc = min(c - 16 * STEP_BLOCKS, 4 * GROUPS_PER_STEP - 1);
-      const int kind = cc & 3;
-      w_src[i] = reinterpret_cast<const u32*>((kind < 2 ? scales : zeros) + ((kind & 1) ? base_hi : base_lo));
-      w_dst[i] = smem_addr(stages + 16 * W_ROW + 4 * cc);
+  // Chunk c = 32 i + lane is copied by lane in round i: weight rounds cover 32 /
+  // STEP_BLOCKS rows each, so whether a round's rows are lo or hi is known at compile
+  // time, and a lane's block (lane % STEP_BLOCKS) is the same in every round.
+  const int chunk_block = lane % STEP_BLOCKS;
+  const int lane_row = lane / STEP_BLOCKS;
+  const int lane_off = lane_row * words_per_row + 4 * (blk0 + chunk_block);
+  const u32 lane_dst = smem_addr(stages + lane_row * W_ROW + 4 * chunk_block);
+  // The next step to copy: tile iteration, step in the tile, stage slot (counters, not
+  // divisions: this runs every step).
+  int next_tile = 0, next_step = 0, next_slot = 0;
+  auto issue_next = [&]() {
+    const int t = blockIdx.x + next_tile * gridDim.x;
+    const int step = next_step;
+    const u32 stage_off = next_slot * STAGE_WORDS * 4;
+    next_slot = next_slot == STAGES - 1 ? 0 : next_slot + 1;
+    if (++next_step == num_steps) {
+      next_step = 0;
+      ++next_tile;
     }
-  }
-  auto issue = [&](int step) {
-    const u32 stage_off = (step % STAGES) * STAGE_WORDS * 4;
     const int blk = blk0 + step * STEP_BLOCKS;
+    const bool valid = blk + chunk_block < blk_end;
+    const u32* lo_rows = qweight + (size_t)row_lo(t) * words_per_row + lane_off + 4 * step * STEP_BLOCKS;
+    const u32* hi_rows = qweight + (size_t)row_hi(t) * words_per_row + lane_off + 4 * step * STEP_BLOCKS;
 #pragma unroll
     for (int i = 0; i < COPY_ROUNDS; ++i) {
       const int c = 32 * i + lane;
       if (32 * (i + 1) <= 16 * STEP_BLOCKS) {
-        cp_async16(w_dst[i] + stage_off, w_src[i] + 4 * step * STEP_BLOCKS, blk + chunk_block < blk_end);
+        constexpr int ROWS = 32 / STEP_BLOCKS;  // rows per round
+        const int r = i * ROWS;                 // the round's first row (compile time)
+        const u32* src = (r >= 8 ? hi_rows : lo_rows) + (r & 7) * words_per_row;
+        cp_async16(lane_dst + stage_off + r * W_ROW * 4, src, valid);
       } else if (c < STEP_CHUNKS) {
         // scales / zeros of group gi of the step (per channel: group 0 every step)
-        const int gi = (c - 16 * STEP_BLOCKS) >> 2;
+        const int cc = c - 16 * STEP_BLOCKS;
+        const int gi = cc >> 2;
         const int grp = GROUP_BLOCKS == 0 ? 0 : (blk + gi * GROUP_BLOCKS) / (GROUP_BLOCKS == 0 ? 1 : GROUP_BLOCKS);
-        cp_async16(w_dst[i] + stage_off,
-                   reinterpret_cast<const u16*>(w_src[i]) + (size_t)min(grp, num_groups - 1) * N, true);
+        const u16* src = ((cc & 2) ? zeros : scales) + (size_t)min(grp, num_groups - 1) * N;
+        cp_async16(smem_addr(stages + 16 * W_ROW + 4 * cc) + stage_off, src + ((cc & 1) ? row_hi(t) : row_lo(t)), true);
       }
     }
   };
 
 #pragma unroll
   for (int s = 0; s < STAGES - 1; ++s) {
-    if (s < num_steps) issue(s);
+    if (s < total_steps) issue_next();
     cp_async_commit();
   }
   // Weights are constant: the copies above overlap the previous kernel under PDL; x is
@@ -204,10 +214,10 @@ extern "C" __global__ void int4_gemv_mma(
 #pragma unroll
       for (int v = 0; v < 16; ++v) r[v] = 0;
     }
-    float sum = 0.f;
+    float part[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
-    for (int v = 0; v < 16; ++v) sum += x_to_float(r[v] & 0xFFFFu) + x_to_float(r[v] >> 16);
-    block_sums[b * 8 + m] = sum;
+    for (int v = 0; v < 16; ++v) part[v & 3] += x_to_float(r[v] & 0xFFFFu) + x_to_float(r[v] >> 16);
+    block_sums[b * 8 + m] = (part[0] + part[1]) + (part[2] + part[3]);
 #pragma unroll
     for (int qq = 0; qq < 4; ++qq) {
       u32 f[4];
@@ -234,21 +244,21 @@ extern "C" __global__ void int4_gemv_mma(
   __syncwarp();
 
   // d: this group's MMA sums of (MAGIC + 2q) x; acc += s / 2 * (d - (MAGIC + 2z) * sum x).
-  float acc[4] = {0.f, 0.f, 0.f, 0.f};
-  float d[4] = {0.f, 0.f, 0.f, 0.f};
-  float s_lo = 0.f, s_hi = 0.f, zz_lo = 0.f, zz_hi = 0.f, sx0 = 0.f, sx1 = 0.f;
-  int interval = 0;
+  float acc[4], d[4], e[4];  // d: the first MMA of each block, e: the second (two chains)
+  float s_lo, s_hi, zz_lo, zz_hi, sx0, sx1;
+  int interval;
   const int xm = min(g, M - 1);
   // In a register (see and_or); the empty asm keeps the compiler from folding it back.
   u32 magic = MAGIC_PAIR;
   asm volatile("" : "+r"(magic));
   const uint4* x_lane = xfrag + xm * slice_blocks * 4 + q;
   auto flush = [&]() {
-    acc[0] += s_lo * fmaf(-zz_lo, sx0, d[0]);
-    acc[1] += s_lo * fmaf(-zz_lo, sx1, d[1]);
-    acc[2] += s_hi * fmaf(-zz_hi, sx0, d[2]);
-    acc[3] += s_hi * fmaf(-zz_hi, sx1, d[3]);
+    acc[0] += s_lo * fmaf(-zz_lo, sx0, d[0] + e[0]);
+    acc[1] += s_lo * fmaf(-zz_lo, sx1, d[1] + e[1]);
+    acc[2] += s_hi * fmaf(-zz_hi, sx0, d[2] + e[2]);
+    acc[3] += s_hi * fmaf(-zz_hi, sx1, d[3] + e[3]);
     d[0] = d[1] = d[2] = d[3] = 0.f;
+    e[0] = e[1] = e[2] = e[3] = 0.f;
   };
   auto start_group = [&](const u32* st, int gi) {
     flush();
@@ -263,12 +273,21 @@ extern "C" __global__ void int4_gemv_mma(
     ++interval;
   };
 
-  for (int step = 0; step < num_steps; ++step) {
+  int step = 0, tile_iter = 0, slot = 0;
+  for (int flat = 0; flat < total_steps; ++flat) {
+    if (step == 0) {  // a new tile
+      acc[0] = acc[1] = acc[2] = acc[3] = 0.f;
+      d[0] = d[1] = d[2] = d[3] = 0.f;
+      e[0] = e[1] = e[2] = e[3] = 0.f;
+      s_lo = s_hi = zz_lo = zz_hi = sx0 = sx1 = 0.f;
+      interval = 0;
+    }
     cp_async_wait<STAGES - 2>();
     __syncwarp();  // every lane's copies of this step landed; the oldest stage is free
-    if (step + STAGES - 1 < num_steps) issue(step + STAGES - 1);
+    if (flat + STAGES - 1 < total_steps) issue_next();
     cp_async_commit();
-    const u32* st = stages + (step % STAGES) * STAGE_WORDS;
+    const u32* st = stages + slot * STAGE_WORDS;
+    slot = slot == STAGES - 1 ? 0 : slot + 1;
     const u32* w_lane = st + g * W_ROW + q;
     const uint4* x_step = x_lane + step * STEP_BLOCKS * 4;
 #pragma unroll
@@ -285,42 +304,49 @@ extern "C" __global__ void int4_gemv_mma(
       dequant_pairs(w_lane[8 * W_ROW + 4 * b], magic, hi);
       const uint4 xf = x_step[4 * b];
       mma(d, lo[0], hi[0], lo[1], hi[1], xf.x, xf.y);
-      mma(d, lo[2], hi[2], lo[3], hi[3], xf.z, xf.w);
+      mma(e, lo[2], hi[2], lo[3], hi[3], xf.z, xf.w);
     }
-  }
-  flush();
-
-  // Sum the warps' partials: lane (g, q) holds rows g / g + 8, columns 2q, 2q + 1.
-  cp_async_wait<0>();
-  __syncthreads();
-  float* red = reinterpret_cast<float*>(smem);
-  *reinterpret_cast<float4*>(red + (warp * 32 + lane) * 4) = make_float4(acc[0], acc[1], acc[2], acc[3]);
-  __syncthreads();
-  const int outputs = GATED ? 64 : 128;
-  for (int i = threadIdx.x; i < outputs; i += blockDim.x) {
-    const int col = i & 7;
-    if (col >= M) continue;
-    const int r = i >> 3;  // tile row 0..15 (gated: 0..7, the gate row; + 8 its up row)
-    const int src_lane = (r & 7) * 4 + (col >> 1);
-    const int e = (r >= 8 ? 2 : 0) + (col & 1);
-    float total = 0.f;
-    for (int w = 0; w < num_warps; ++w) total += red[(w * 32 + src_lane) * 4 + e];
-    if (GATED) {
-      float up = 0.f;
-      for (int w = 0; w < num_warps; ++w) up += red[(w * 32 + src_lane) * 4 + 2 + (col & 1)];
-      if (HAS_BIAS) {
-        total += x_to_float(bias[base_lo + r]);
-        up += x_to_float(bias[base_hi + r]);
+    if (step == num_steps - 1) {
+      // The tile is done: sum the warps' partials (lane (g, q) holds rows g / g + 8,
+      // columns 2q, 2q + 1) through one of two buffers, so the next tile's writes
+      // cannot meet this tile's reads.
+      flush();
+      const int t = blockIdx.x + tile_iter * gridDim.x;
+      float* buf = red + (tile_iter & 1) * num_warps * 128;
+      *reinterpret_cast<float4*>(buf + (warp * 32 + lane) * 4) = make_float4(acc[0], acc[1], acc[2], acc[3]);
+      __syncthreads();
+      const int outputs = GATED ? 64 : 128;
+      for (int i = threadIdx.x; i < outputs; i += blockDim.x) {
+        const int col = i & 7;
+        if (col >= M) continue;
+        const int r = i >> 3;  // tile row 0..15 (gated: 0..7, the gate row; + 8 its up row)
+        const int src_lane = (r & 7) * 4 + (col >> 1);
+        const int e = (r >= 8 ? 2 : 0) + (col & 1);
+        float total = 0.f;
+        for (int w = 0; w < num_warps; ++w) total += buf[(w * 32 + src_lane) * 4 + e];
+        if (GATED) {
+          float up = 0.f;
+          for (int w = 0; w < num_warps; ++w) up += buf[(w * 32 + src_lane) * 4 + 2 + (col & 1)];
+          if (HAS_BIAS) {
+            total += x_to_float(bias[row_lo(t) + r]);
+            up += x_to_float(bias[row_hi(t) + r]);
+          }
+          // As the separate activation kernel: gate and up rounded to the output dtype first.
+          const float gate = x_to_float(float_to_x(total));
+          up = x_to_float(float_to_x(up));
+          const float y = gate / (1.f + __expf(-gate)) * up;
+          out[(size_t)col * stride_out + row_lo(t) + r] = float_to_x(y);
+        } else {
+          const int row = row_lo(t) + r;  // row_hi(t) == row_lo(t) + 8
+          if (HAS_BIAS) total += x_to_float(bias[row]);
+          out[(size_t)col * stride_out + row] = float_to_x(total);
+        }
       }
-      // As the separate activation kernel: gate and up rounded to the output dtype first.
-      const float gate = x_to_float(float_to_x(total));
-      up = x_to_float(float_to_x(up));
-      const float y = gate / (1.f + __expf(-gate)) * up;
-      if (base_lo + r < (N >> 1)) out[(size_t)col * stride_out + base_lo + r] = float_to_x(y);
+      step = 0;
+      ++tile_iter;
     } else {
-      const int row = base_lo + r;  // base_hi == base_lo + 8
-      if (HAS_BIAS) total += x_to_float(bias[min(row, N - 1)]);
-      if (row < N) out[(size_t)col * stride_out + row] = float_to_x(total);
+      ++step;
     }
   }
+  cp_async_wait<0>();
 }
