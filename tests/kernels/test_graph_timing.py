@@ -71,6 +71,10 @@ def test_gpu_tuner_times_every_candidate_and_keeps_the_fastest() -> None:
     keys = [k for k in quant_tuning.tuning_timings() if k[3:6] == (1536, 2048, 4) and k[2] == 1]
     assert len(keys) == 1
     timed = quant_tuning.tuning_timings()[keys[0]]
-    assert len(timed) == len(quant_tuning.candidates(1, 1536, 2048, 4, quant_tuning.num_sms(0)))
+    from rtllm.kernels.quant_gemv_mma import mma_gemv_supported
+
+    mma = mma_gemv_supported(x, packed)  # the tensor-core GEMV's tiles join where it runs
+    expected = quant_tuning.candidates(1, 1536, 2048, 4, quant_tuning.num_sms(0), mma_gemv=mma)
+    assert len(timed) == len(expected)
     assert all(math.isfinite(t) and t > 0 for _, t in timed)
     assert quant_tuning.tuned_configs()[keys[0]] == min(timed, key=lambda ct: ct[1])[0]
