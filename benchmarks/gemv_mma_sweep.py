@@ -44,10 +44,11 @@ def main() -> None:
         copies = [packed] + [packed.clone() for _ in range(l2_overflow_copies(packed.nbytes, w.device) - 1)]
         x = torch.randn(args.m, k, device="cuda", dtype=torch.bfloat16)
         out = torch.empty(args.m, n, device="cuda", dtype=torch.bfloat16)
-        times = {"tuned": graph_time_us([lambda p=p: qg.quant_linear(x, p) for p in copies], args.reps, args.trials)}
+        tuned = [lambda p=p, x=x: qg.quant_linear(x, p) for p in copies]
+        times = {"tuned": graph_time_us(tuned, args.reps, args.trials)}
         for t in tiles:
             cfg = MmaGemvConfig(*t)
-            calls = [lambda p=p, c=cfg: mma_gemv(x, p, None, out, c) for p in copies]
+            calls = [lambda p=p, c=cfg, x=x, o=out: mma_gemv(x, p, None, o, c) for p in copies]
             times[str(t)] = graph_time_us(calls, args.reps, args.trials)
         line = "  ".join(f"{key} {us:.2f} us {packed.nbytes / us / 1e6:.2f} TB/s" for key, us in times.items())
         print(f"{name:8s} {line}", flush=True)
