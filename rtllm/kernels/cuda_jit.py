@@ -72,7 +72,8 @@ def _nvrtc_candidates() -> list[str]:
     for root in roots:
         found += sorted(glob.glob(os.path.join(root, "nvidia", "*", "lib", f"libnvrtc.so.{major}*")))
         found += sorted(glob.glob(os.path.join(root, "nvidia", "cuda_nvrtc", "lib", "libnvrtc.so*")))
-    return [p for p in found if "alt" not in os.path.basename(p)] + [f"libnvrtc.so.{major}", "libnvrtc.so"]
+    found = [p for p in dict.fromkeys(found) if "alt" not in os.path.basename(p)]
+    return [*found, f"libnvrtc.so.{major}", "libnvrtc.so"]
 
 
 @functools.cache
