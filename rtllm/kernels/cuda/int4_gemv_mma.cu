@@ -4,7 +4,8 @@
 // Compile-time parameters (-D): IS_BF16 (x, bias, out are bf16, else fp16), SCALE_BF16
 // (scales / zeros are bf16, else fp16), STEP_BLOCKS (4-word blocks per pipeline step),
 // STAGES (steps in flight), GROUP_BLOCKS (blocks per quantization group, 0: per
-// channel), GATED ([gate; up] weight, silu(gate) * up written), HAS_BIAS.
+// channel), GATED ([gate; up] weight, silu(gate) * up written), HAS_BIAS, EARLY_STEPS
+// (weight steps issued before waiting for the previous kernel, default 1).
 //
 // A CTA takes tiles of 16 weight rows in turn (persistent); each warp a K slice of them. Per step a warp copies its
 // 16 rows x STEP_BLOCKS blocks (16 bytes each) into shared memory with cp.async, then
@@ -28,6 +29,9 @@ typedef unsigned long long u64;
 #define MMA_TYPE "f16"
 #endif
 
+#ifndef EARLY_STEPS
+#define EARLY_STEPS 1  // weight steps issued before waiting for the previous kernel
+#endif
 #define W_ROW (4 * STEP_BLOCKS + 4)  // words per weight row in a stage (+4: no bank conflicts)
 #define GROUPS_PER_STEP ((GROUP_BLOCKS == 0 || GROUP_BLOCKS >= STEP_BLOCKS) ? 1 : STEP_BLOCKS / GROUP_BLOCKS)
 #define STAGE_WORDS (16 * W_ROW + 16 * GROUPS_PER_STEP)
@@ -185,50 +189,74 @@ extern "C" __global__ void int4_gemv_mma(
     }
   };
 
+  // Prologue, in the order the requests queue up on the SM:
+  // 1. EARLY_STEPS weight steps: constant, so under PDL they overlap the previous kernel;
+  // 2. after waiting for the previous kernel, this lane's first block of x, into
+  //    registers: it queues behind only the early steps;
+  // 3. the other STAGES - 1 - EARLY_STEPS steps, then the x permutation below.
 #pragma unroll
-  for (int s = 0; s < STAGES - 1; ++s) {
+  for (int s = 0; s < EARLY_STEPS; ++s) {
     if (s < total_steps) issue_next();
     cp_async_commit();
   }
-  // Weights are constant: the copies above overlap the previous kernel under PDL; x is
-  // read only after it completed.
 #if __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.wait;" ::: "memory");
 #endif
+  // Block (m, b) of this warp's x slice: zeros past K. (Loads from a clamped address,
+  // then masks: zeroing the destination registers first would wait for the copies above
+  // to have read their address registers.)
+  auto load_x_block = [&](int m, int b, uint4* xv) {
+    const bool in_k = m < M && b < slice_blocks && blk0 + b < blk_end;
+    const size_t off = in_k ? (size_t)m * stride_x + (size_t)(blk0 + b) * 32 : 0;
+#pragma unroll
+    for (int v = 0; v < 4; ++v) xv[v] = reinterpret_cast<const uint4*>(x + off)[v];
+    if (!in_k) {
+#pragma unroll
+      for (int v = 0; v < 4; ++v) xv[v] = make_uint4(0, 0, 0, 0);
+    }
+  };
+  uint4 first_x[4];  // block (0, lane)
+  load_x_block(0, lane, first_x);
+#pragma unroll
+  for (int s = EARLY_STEPS; s < STAGES - 1; ++s) {
+    if (s < total_steps) issue_next();
+    cp_async_commit();
+  }
 
   // x fragments: for block b and x row m, lane quad q's B operands are
   // (x[q], x[16+q]), (x[4+q], x[20+q]) (first MMA), (x[8+q], x[24+q]), (x[12+q], x[28+q])
   // (second MMA) of the block's 32 channels, matching dequant_pairs' pairs of word q.
   // Channels past the slice read as zero, so their weights add nothing.
-  for (int i = lane; i < M * slice_blocks; i += 32) {
-    const int m = i / slice_blocks, b = i % slice_blocks;
-    u32 r[16];
-    if (blk0 + b < blk_end) {
-      const uint4* src = reinterpret_cast<const uint4*>(x + (size_t)m * stride_x + (size_t)(blk0 + b) * 32);
+  for (int m = 0; m < M; ++m) {
+    for (int b = lane; b < slice_blocks; b += 32) {
+      uint4 xv[4];
+      if (m == 0 && b == lane) {
+#pragma unroll
+        for (int v = 0; v < 4; ++v) xv[v] = first_x[v];
+      } else {
+        load_x_block(m, b, xv);
+      }
+      u32 r[16];
 #pragma unroll
       for (int v = 0; v < 4; ++v) {
-        uint4 t = src[v];
-        r[4 * v] = t.x; r[4 * v + 1] = t.y; r[4 * v + 2] = t.z; r[4 * v + 3] = t.w;
+        r[4 * v] = xv[v].x; r[4 * v + 1] = xv[v].y; r[4 * v + 2] = xv[v].z; r[4 * v + 3] = xv[v].w;
       }
-    } else {
+      float part[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
-      for (int v = 0; v < 16; ++v) r[v] = 0;
-    }
-    float part[4] = {0.f, 0.f, 0.f, 0.f};
+      for (int v = 0; v < 16; ++v) part[v & 3] += x_to_float(r[v] & 0xFFFFu) + x_to_float(r[v] >> 16);
+      block_sums[b * 8 + m] = (part[0] + part[1]) + (part[2] + part[3]);
 #pragma unroll
-    for (int v = 0; v < 16; ++v) part[v & 3] += x_to_float(r[v] & 0xFFFFu) + x_to_float(r[v] >> 16);
-    block_sums[b * 8 + m] = (part[0] + part[1]) + (part[2] + part[3]);
+      for (int qq = 0; qq < 4; ++qq) {
+        u32 f[4];
 #pragma unroll
-    for (int qq = 0; qq < 4; ++qq) {
-      u32 f[4];
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        // channels c = 4 j + qq (low half) and c + 16 (high half); x[c] is half c % 2 of r[c / 2]
-        const int c = 4 * j + qq, d = c + 16;
-        const u32 sel = ((c & 1) ? 0x32u : 0x10u) | ((d & 1) ? 0x7600u : 0x5400u);
-        f[j] = __byte_perm(r[c >> 1], r[d >> 1], sel);
+        for (int j = 0; j < 4; ++j) {
+          // channels c = 4 j + qq (low half) and c + 16 (high half); x[c] is half c % 2 of r[c / 2]
+          const int c = 4 * j + qq, d = c + 16;
+          const u32 sel = ((c & 1) ? 0x32u : 0x10u) | ((d & 1) ? 0x7600u : 0x5400u);
+          f[j] = __byte_perm(r[c >> 1], r[d >> 1], sel);
+        }
+        xfrag[(m * slice_blocks + b) * 4 + qq] = make_uint4(f[0], f[1], f[2], f[3]);
       }
-      xfrag[(m * slice_blocks + b) * 4 + qq] = make_uint4(f[0], f[1], f[2], f[3]);
     }
   }
   __syncwarp();
