@@ -35,13 +35,22 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=200)
     parser.add_argument("--out", default=None)
     parser.add_argument("--profile", action="store_true", help="print rank 0's kernel time table")
+    parser.add_argument("--quant-algo", default=None, help="quantize the weights on load (e.g. W4A16_GPTQ)")
+    parser.add_argument("--quant-group-size", type=int, default=None, help="group size of --quant-algo")
+    parser.add_argument("--rows", type=int, default=18, help="kernels in the --profile table")
     args = parser.parse_args()
     rank = int(os.environ.get("RANK", "0"))
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     if args.tp > 1:
         ps.init_distributed(Mapping(args.tp, rank, args.tp, 1), device, "env://")
+    quant = {}
+    if args.quant_algo is not None:
+        from rtllm.quantization import QuantConfig
+
+        group = {} if args.quant_group_size is None else {"group_size": args.quant_group_size}
+        quant["quant_config"] = QuantConfig(quant_algo=args.quant_algo, **group)
     llm_args = LlmArgs(
-        model=args.model, load_format="dummy", skip_tokenizer_init=True, max_batch_size=8,
+        model=args.model, load_format="dummy", skip_tokenizer_init=True, max_batch_size=8, **quant,
         kv_cache_config=KvCacheConfig(max_tokens=8192), cuda_graph_config=CudaGraphConfig(batch_sizes=(1,)),
     )
     built = build_engine(llm_args, device)
@@ -69,7 +78,9 @@ def main() -> None:
                 graph.replay()
             torch.cuda.synchronize(device)
         if rank == 0:
-            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18), flush=True)
+            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows), flush=True)
+            kernel_us = sum(e.self_device_time_total for e in prof.key_averages()) / 10
+            print(f"kernel time per step {kernel_us:.1f} us", flush=True)
     result = {"tp": args.tp, "rank": rank, "step_ms": step_ms, "all_reduce": os.environ.get("RTLLM_ALL_REDUCE", "auto")}
     print(json.dumps(result), flush=True)
     if args.out and rank == 0:
