@@ -147,6 +147,12 @@ def mma_gemv(
         ("STEP_BLOCKS", cfg.step_blocks),
     )
     device = x2.device.index if x2.device.index is not None else torch.cuda.current_device()
+    limit = getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", None)
+    if limit is not None and smem > limit:
+        raise ValueError(
+            f"{cfg} needs {smem} bytes of shared memory per CTA at K={k}, M={m}; this GPU allows "
+            f"{limit} (fewer warps, blocks per step or stages fit)"
+        )
     kernel = cuda_jit.load_kernel(_SOURCE, "int4_gemv_mma", defines, device)
     ptr = ctypes.c_void_p
     args = [

@@ -183,6 +183,16 @@ def test_gpu_gated_equals_unfused_activation(m: int) -> None:
 
 @pytest.mark.gpu
 @requires_cuda_kernels
+def test_gpu_tile_too_large_for_shared_memory_is_refused() -> None:
+    k = 14336
+    p = random_packed(64, k, 4, 128, "cuda")
+    x = torch.randn(8, k, device="cuda", dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="bytes of shared memory per CTA at K=14336, M=8"):
+        mma_gemv(x, p, None, torch.empty(8, 64, device="cuda", dtype=torch.bfloat16), MmaGemvConfig(16, 32, 4))
+
+
+@pytest.mark.gpu
+@requires_cuda_kernels
 def test_gpu_dispatch_and_graph_capture() -> None:
     n, k = 2048, 1024
     p = random_packed(n, k, 4, 128, "cuda")
