@@ -9,6 +9,13 @@ in lockstep through the all-reduces inside the graph).
   torchrun --standalone --nproc-per-node 2 benchmarks/tp_decode_replay.py --model ... --tp 2
 
 (The TP=2 form hung once on two H200s before printing anything; see RESULTS.md.)
+
+``--leave-out KIND`` replaces one kind of work with a no-op before the graph is captured
+(timing only: the outputs are meaningless), so the step time it saves is that work's
+cost on the step's critical path, overlap under PDL included, which kernel timings
+cannot show: ``norm`` (RMSNorm and its residual add), ``rotary``, ``kv_write``,
+``attention`` (decode attention), ``o_proj`` (identity: its input and output sizes
+match).
 """
 
 from __future__ import annotations
@@ -26,6 +33,39 @@ from rtllm.llmapi.build import build_engine
 from rtllm.llmapi.llm_args import CudaGraphConfig, KvCacheConfig, LlmArgs
 from rtllm.runtime.model_runner import StepInputs
 
+LEAVE_OUT = ("norm", "rotary", "kv_write", "attention", "o_proj")
+
+
+def leave_out(kind: str) -> None:
+    """Patch ``kind`` (one of ``LEAVE_OUT``) into a no-op for this process."""
+    from rtllm.layers import norm, rotary
+    from rtllm.layers.attention_backends import triton_backend
+    from rtllm.models import llama
+
+    if kind == "norm":
+        norm.RMSNorm.forward = lambda self, x, residual=None, fp8_out=False: (
+            x if residual is None else (x, residual)
+        )
+    elif kind == "rotary":
+        rotary.RotaryEmbedding.forward = lambda self, positions, q, k: (q, k)
+    elif kind == "kv_write":
+        triton_backend.write_kv_cache = lambda *args, **kwargs: None
+    elif kind == "attention":
+        triton_backend.decode_attention = lambda query, *args, **kwargs: query
+    elif kind == "o_proj":
+        attend = llama.LlamaAttention.forward
+
+        def without_o_proj(self: llama.LlamaAttention, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+            object.__setattr__(self, "o_proj", lambda x: x)  # shadows the submodule
+            try:
+                return attend(self, positions, hidden)
+            finally:
+                del self.__dict__["o_proj"]
+
+        llama.LlamaAttention.forward = without_o_proj
+    else:
+        raise ValueError(f"--leave-out must be one of {', '.join(LEAVE_OUT)}, got {kind!r}")
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
@@ -38,7 +78,10 @@ def main() -> None:
     parser.add_argument("--quant-algo", default=None, help="quantize the weights on load (e.g. W4A16_GPTQ)")
     parser.add_argument("--quant-group-size", type=int, default=None, help="group size of --quant-algo")
     parser.add_argument("--rows", type=int, default=18, help="kernels in the --profile table")
+    parser.add_argument("--leave-out", choices=LEAVE_OUT, default=None, help="time the step without this work")
     args = parser.parse_args()
+    if args.leave_out is not None:
+        leave_out(args.leave_out)
     rank = int(os.environ.get("RANK", "0"))
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     if args.tp > 1:
@@ -81,7 +124,10 @@ def main() -> None:
             print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows), flush=True)
             kernel_us = sum(e.self_device_time_total for e in prof.key_averages()) / 10
             print(f"kernel time per step {kernel_us:.1f} us", flush=True)
-    result = {"tp": args.tp, "rank": rank, "step_ms": step_ms, "all_reduce": os.environ.get("RTLLM_ALL_REDUCE", "auto")}
+    result = {
+        "tp": args.tp, "rank": rank, "step_ms": step_ms, "all_reduce": os.environ.get("RTLLM_ALL_REDUCE", "auto"),
+        "quant_algo": args.quant_algo, "left_out": args.leave_out,
+    }
     print(json.dumps(result), flush=True)
     if args.out and rank == 0:
         with open(args.out, "w") as f:
