@@ -81,6 +81,11 @@ def build_engine(args: LlmArgs, device: torch.device | None = None) -> BuiltEngi
     quant_config = resolve_quant_config(path, args.quant_config)
     check_weights_fit(estimate_weight_bytes(config, dtype, quant_config), device)
     model = build_model(path, config, dtype, device, args.load_format, args.seed, quant_config)
+    if device.type == "cuda" and quant_config is not None:
+        from rtllm.quantization.linear_method import pack_weight_only_layers
+
+        if pack_weight_only_layers(model):
+            torch.cuda.empty_cache()  # the freed codes go back to the pool the KV cache is sized from
     backend = "triton" if device.type == "cuda" else "torch"
     kv_dtype = kv_cache_dtype_of(quant_config)  # None: the model dtype
     from rtllm.distributed.dist_runner import local_model_config

@@ -417,6 +417,18 @@ def quantized_silu_and_mul_forward(module: nn.Module, x: torch.Tensor | Fp8Token
     return quant_linear_silu_and_mul(_smoothed(module, x), packed, module.bias)
 
 
+def pack_weight_only_layers(model: nn.Module) -> int:
+    """Pack the codes of every weight-only layer on a GPU into the kernel layout now,
+    freeing the codes, instead of on the layer's first call; returns how many layers
+    were packed. The engine calls it before sizing the KV cache, so the memory plan
+    counts the packed bytes (int4: half a byte per weight; the codes hold one)."""
+    count = 0
+    for module in model.modules():
+        if isinstance(module, WeightOnlyInt8Linear | WeightOnlyGroupwiseLinear) and module.weight.is_cuda:
+            count += _packed_weight(module) is not None
+    return count
+
+
 def _kernel_weight_only(module: nn.Module) -> object | None:
     """The packed weights of a weight-only layer the Triton kernels take, else None."""
     if not isinstance(module, WeightOnlyInt8Linear | WeightOnlyGroupwiseLinear):

@@ -306,3 +306,15 @@ def test_awq_clip_search_lowers_output_error(zero_point):
 
     before, after = group_err(fake_quantize(w, config)), group_err(fake_quantize(clipped, config))
     assert (after[16:] <= before[16:] * (1 + 1e-5)).all() and (after[16:] < before[16:]).any()
+
+
+def test_packing_for_the_gpu_kernels_leaves_cpu_layers_alone(tiny_llama):
+    """The engine packs weight-only layers for the GPU kernels before sizing the KV cache;
+    on the CPU, where the layers' reference forward reads the codes, nothing is packed."""
+    from rtllm.quantization.linear_method import pack_weight_only_layers
+
+    model = _build(tiny_llama[0], QuantConfig(quant_algo="W4A16"))
+    before = dense_forward(model, IDS)
+    assert pack_weight_only_layers(model) == 0
+    assert all(m.weight.numel() for m in model.modules() if isinstance(m, WeightOnlyGroupwiseLinear))
+    torch.testing.assert_close(dense_forward(model, IDS), before, rtol=0, atol=0)

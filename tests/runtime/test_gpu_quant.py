@@ -117,3 +117,22 @@ def test_silu_in_the_gate_up_gemv_keeps_the_logits(model_dir, algo, monkeypatch)
     unfused, unfused_tokens = generate()
     assert fused_tokens == unfused_tokens
     assert torch.equal(fused, unfused)
+
+
+@pytest.mark.parametrize("algo", ["W4A16", "W8A16"])
+def test_weight_only_layers_are_packed_before_the_kv_cache_is_sized(model_dir, algo):
+    """Packed at build time, the codes are freed before the memory plan measures the
+    weights: int4 codes (one byte each) shrink to half a byte per weight."""
+    from rtllm.models.loader import build_model, load_model_config
+    from rtllm.quantization import WeightOnlyGroupwiseLinear, WeightOnlyInt8Linear
+    from rtllm.quantization.linear_method import pack_weight_only_layers
+
+    config = load_model_config(model_dir)
+    model = build_model(model_dir, config, torch.float16, torch.device("cuda"), quant_config=QuantConfig(quant_algo=algo))
+    layers = [m for m in model.modules() if isinstance(m, WeightOnlyGroupwiseLinear | WeightOnlyInt8Linear)]
+    codes = sum(m.weight.numel() for m in layers)
+    before = torch.cuda.memory_allocated()
+    assert pack_weight_only_layers(model) == len(layers) > 0
+    assert all(m._packed is not None and m.weight.numel() == 0 for m in layers)
+    if algo == "W4A16":  # one byte -> half a byte per weight (plus regrouped scales and zeros)
+        assert before - torch.cuda.memory_allocated() >= codes // 3
