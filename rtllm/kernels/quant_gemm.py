@@ -228,7 +228,17 @@ def _gemv_config(cfg: QuantGemmConfig) -> GemvConfig:
 
 
 def _mma_gemv_config(cfg: QuantGemmConfig) -> MmaGemvConfig:
-    return MmaGemvConfig(cfg.num_warps or 8, cfg.chunk or 8, cfg.num_stages or 4)
+    default = MmaGemvConfig()
+    return MmaGemvConfig(
+        cfg.num_warps or default.warps, cfg.chunk or default.step_blocks, cfg.num_stages or default.stages
+    )
+
+
+def _as_rows(x: torch.Tensor, packed: PackedQuantWeight, bias: torch.Tensor | None) -> torch.Tensor:
+    """Checked ``x`` as ``[M, K]`` rows with a contiguous last dim."""
+    _check(x, packed, bias)
+    x2 = x.reshape(-1, packed.in_features)
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
 
 
 def _run(
@@ -342,12 +352,8 @@ def quant_linear(
     Returns:
         ``[..., N]`` in ``x``'s dtype.
     """
-    _check(x, packed, bias)
-    n, k = packed.out_features, packed.in_features
-    x2 = x.reshape(-1, k)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
-    m = x2.shape[0]
+    x2 = _as_rows(x, packed, bias)
+    m, n = x2.shape[0], packed.out_features
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:
         return out.reshape(*x.shape[:-1], n)
@@ -372,25 +378,21 @@ def quant_linear_silu_and_mul(
     kernel fewer per layer); the result is bit for bit the unfused one. Otherwise the
     GEMM runs, then :func:`rtllm.kernels.silu_and_mul.silu_and_mul`.
     """
-    _check(x, packed, bias)
-    n, k = packed.out_features, packed.in_features
+    n = packed.out_features
     if n % 2:
         raise ValueError(f"a [gate; up] weight has an even number of rows, got {n}")
-    x2 = x.reshape(-1, k)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
+    x2 = _as_rows(x, packed, bias)
     m = x2.shape[0]
     cfg = pick(x2, packed, bias, _run) if gemv_supported(m) else None
-    if cfg is not None and cfg.kernel == "gemv_mma":
-        out = torch.empty(m, n // 2, dtype=x.dtype, device=x.device)
-        mma_gemv(x2, packed, bias, out, _mma_gemv_config(cfg), gated=True)
-        return out.reshape(*x.shape[:-1], n // 2)
-    if cfg is None or cfg.kernel != "gemv":
+    if cfg is None or cfg.kernel not in ("gemv", "gemv_mma"):
         from rtllm.kernels.silu_and_mul import silu_and_mul
 
         return silu_and_mul(quant_linear(x2, packed, bias)).reshape(*x.shape[:-1], n // 2)
     out = torch.empty(m, n // 2, dtype=x.dtype, device=x.device)
-    quant_gemv(x2, packed, bias, out, _gemv_config(cfg), gated=True)
+    if cfg.kernel == "gemv_mma":
+        mma_gemv(x2, packed, bias, out, _mma_gemv_config(cfg), gated=True)
+    else:
+        quant_gemv(x2, packed, bias, out, _gemv_config(cfg), gated=True)
     return out.reshape(*x.shape[:-1], n // 2)
 
 

@@ -147,7 +147,8 @@ def mma_gemv(
         ("STEP_BLOCKS", cfg.step_blocks),
     )
     device = x2.device.index if x2.device.index is not None else torch.cuda.current_device()
-    limit = getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", None)
+    props = torch.cuda.get_device_properties(device)
+    limit = getattr(props, "shared_memory_per_block_optin", None)
     if limit is not None and smem > limit:
         raise ValueError(
             f"{cfg} needs {smem} bytes of shared memory per CTA at K={k}, M={m}; this GPU allows "
@@ -171,7 +172,7 @@ def mma_gemv(
     ]
     # Persistent CTAs: as many as fit at once.
     tiles = n // 16
-    resident = kernel.blocks_per_sm(32 * warps, smem) * torch.cuda.get_device_properties(device).multi_processor_count
+    resident = kernel.blocks_per_sm(32 * warps, smem) * props.multi_processor_count
     # Every SM holds the same number of CTAs (grid = resident): tile counts then differ
     # by at most one between CTAs, where equal tiles per CTA left some SMs one CTA short.
     grid = min(tiles, max(1, resident))

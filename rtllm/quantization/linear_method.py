@@ -424,8 +424,9 @@ def pack_weight_only_layers(model: nn.Module) -> int:
     counts the packed bytes (int4: half a byte per weight; the codes hold one)."""
     count = 0
     for module in model.modules():
-        if isinstance(module, WeightOnlyInt8Linear | WeightOnlyGroupwiseLinear) and module.weight.is_cuda:
-            count += _packed_weight(module) is not None
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, torch.Tensor) and weight.is_cuda:
+            count += _kernel_weight_only(module) is not None
     return count
 
 
