@@ -8,7 +8,9 @@ query heads that share one KV head (so each K/V tile is loaded once for all of t
 and one contiguous slice of the key range, and writes that slice's normalised output
 and log-sum-exp; the last program of a ``(sequence, KV head)`` to finish merges the
 slices in the same launch (:mod:`rtllm.kernels.split_counters`; at batch 1 the merge
-was a second kernel per layer). With one split the program writes the output itself.
+was a second kernel per layer). Programs whose slice lies past the sequence's keys
+leave at once and are not counted; when the keys fit in one slice (always so with one
+split) its program writes the output itself.
 
 Padded rows (CUDA-graph batches) carry ``seq_len == 0`` and get zeros.
 
@@ -102,11 +104,18 @@ def _decode_partial_kernel(
         # kv_lo are masked.
         tiles_lo = (kv_lo // BLOCK_N) * BLOCK_N
     # Split [tiles_lo, seq_len) into num_splits slices of whole BLOCK_N tiles; trailing
-    # slices may be empty (they report lse = -inf and weigh nothing in the merge).
+    # slices may be empty.
     span = seq_len - tiles_lo
     per_split = tl.cdiv(tl.cdiv(span, num_splits), BLOCK_N) * BLOCK_N
     start = tiles_lo + split * per_split
     end = tl.minimum(start + per_split, seq_len)
+    # Only the first `used` slices hold keys. The others leave at once (no loads, no
+    # count: at batch 1 in a CUDA graph most of the fixed split count is past the end),
+    # so the merge waits for the used slices only, and a sequence whose keys fit in one
+    # slice (or a padded row, which gets zeros) is written by slice 0 directly.
+    used = tl.cdiv(span, tl.maximum(per_split, 1))
+    if split >= tl.maximum(used, 1):
+        return
 
     offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, BLOCK_D)
@@ -170,13 +179,10 @@ def _decode_partial_kernel(
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     o = acc / l_safe[:, None]
     gd_mask = g_mask[:, None] & d_mask[None, :]
-    if SINGLE_SPLIT:
-        tl.store(
-            out_ptr + seq64 * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
-            o.to(out_ptr.dtype.element_ty),
-            mask=gd_mask,
-        )
-    else:
+    out_rows = out_ptr + seq64 * stride_ot + heads[:, None] * stride_oh + offs_d[None, :]
+    if used <= 1:  # always so with one split
+        tl.store(out_rows, o.to(out_ptr.dtype.element_ty), mask=gd_mask)
+    elif not SINGLE_SPLIT:
         # Partials are [batch, num_heads, num_splits, (BLOCK_D)] float32, contiguous.
         row0 = (seq64 * (GROUP * tl.num_programs(1)) + heads) * num_splits
         tl.store(part_o_ptr + (row0 + split)[:, None] * BLOCK_D + offs_d[None, :], o, mask=gd_mask)
@@ -187,10 +193,8 @@ def _decode_partial_kernel(
         # arriver sees everyone's partials after it.
         tile = seq * tl.num_programs(1) + kv_head
         arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
-        if arrived == num_splits - 1:
-            # Only the first ceil(span / per_split) slices hold keys (lse finite); a
-            # padded row (span 0) has none and gets zeros. Online merge, fixed order.
-            used = tl.cdiv(span, tl.maximum(per_split, 1))
+        if arrived == used - 1:
+            # Online merge of the used slices, in a fixed order.
             m_all = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
             w_sum = tl.zeros([BLOCK_G], dtype=tl.float32)
             merged = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
@@ -207,11 +211,7 @@ def _decode_partial_kernel(
                 merged = merged * alpha[:, None] + o_s * w[:, None]
                 m_all = m_new
             merged = merged / tl.where(w_sum == 0.0, 1.0, w_sum)[:, None]
-            tl.store(
-                out_ptr + seq64 * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
-                merged.to(out_ptr.dtype.element_ty),
-                mask=gd_mask,
-            )
+            tl.store(out_rows, merged.to(out_ptr.dtype.element_ty), mask=gd_mask)
             tl.atomic_xchg(cnt_ptr + tile, 0, sem="relaxed", scope="gpu")
 
 
