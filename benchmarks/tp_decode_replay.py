@@ -116,13 +116,14 @@ def main() -> None:
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 
+        profiled_steps = 10
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(10):
+            for _ in range(profiled_steps):
                 graph.replay()
             torch.cuda.synchronize(device)
         if rank == 0:
             print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows), flush=True)
-            kernel_us = sum(e.self_device_time_total for e in prof.key_averages()) / 10
+            kernel_us = sum(e.self_device_time_total for e in prof.key_averages()) / profiled_steps
             print(f"kernel time per step {kernel_us:.1f} us", flush=True)
     result = {
         "tp": args.tp, "rank": rank, "step_ms": step_ms, "all_reduce": os.environ.get("RTLLM_ALL_REDUCE", "auto"),
