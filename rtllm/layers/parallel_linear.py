@@ -210,7 +210,8 @@ class QKVParallelLinear(_ShardedOutputLinear):
 class RowParallelLinear(Linear):
     """``y = sum_r x_r W_r^T + b``: rank ``r`` holds a block of the input features and its
     partial products are all-reduced over the TP group; the bias is added after the
-    reduction (once, not ``tp_size`` times)."""
+    reduction (once, not ``tp_size`` times). A quantized layer's bias is replicated on
+    every rank and held by this layer, not by its quantized module, for that reason."""
 
     stages_slices = True  # load_checkpoint_tensor reads its part of a lazy slice
 
@@ -225,12 +226,30 @@ class RowParallelLinear(Linear):
         m = get_mapping()
         self.tp_rank = m.tp_rank
         local = _divide(in_features, m.tp_size, f"{prefix} in_features")
-        if bias and linear_method.layer_quant_config(quant_config, [prefix]) is not None:
-            raise NotImplementedError(
-                f"{prefix}: a quantized row-parallel layer with a bias is not supported yet"
-            )
         super().__init__(local, out_features, bias, quant_config, prefix)
         _mark_sliced(self)
+
+    def process_weights_after_loading(self) -> None:
+        super().process_weights_after_loading()
+        self._hold_quantized_bias()
+
+    def quantize_float_weight(
+        self, pre_quant_scale: torch.Tensor | None = None, input_amax: float | None = None
+    ) -> None:
+        super().quantize_float_weight(pre_quant_scale, input_amax)
+        self._hold_quantized_bias()
+
+    def init_dummy(self, generator: torch.Generator) -> None:
+        super().init_dummy(generator)
+        self._hold_quantized_bias()
+
+    def _hold_quantized_bias(self) -> None:
+        """Move the quantized module's bias here: its kernels would add it to each rank's
+        partial product, ``tp_size`` times in the all-reduced sum."""
+        quant = self.quant
+        if quant is not None and getattr(quant, "bias", None) is not None:
+            self.bias = nn.Parameter(quant.bias.data, requires_grad=False)
+            quant.register_parameter("bias", None)
 
     def load_checkpoint_tensor(self, suffix: str, tensor: Any, shard_id: object) -> None:
         local = self.in_features

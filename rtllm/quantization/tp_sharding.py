@@ -25,7 +25,8 @@ GPTQ ``g_idx``         (replicated)                axis 0, renumbered from 0
                                                    when one group spans the row)
 ``input_scale``        (replicated)                (replicated)
 ``pre_quant_scale``    (replicated)                axis 0
-``bias``               axis 0                      (refused by the row layer)
+``bias``               axis 0                      (replicated: added once, after
+                                                   the all-reduce)
 =====================  ==========================  ===============================
 """
 
@@ -68,7 +69,9 @@ def _axis_and_units(
         return None
     if suffix == "pre_quant_scale":
         return None if kind == "out" else (0, 1)
-    if suffix in ("weight", "bias"):
+    if suffix == "bias":
+        return (0, 1) if kind == "out" else None
+    if suffix == "weight":
         return (0, 1) if kind == "out" else (1, 1)
     if suffix in ("weight_scale", "weight_zero"):
         if prod(shape) == 1:

@@ -92,5 +92,26 @@ def test_quantized_row_parallel_quantizes_its_columns(rank1_of_tp2):
     x = torch.randn(5, 4)  # rank 1's input columns 4..7
     partial = quantized_linear_forward(down.quant, x)
     torch.testing.assert_close(partial, x @ w[:, 4:].T, atol=0.05, rtol=0.02)
-    with pytest.raises(NotImplementedError, match="bias"):
-        RowParallelLinear(8, 3, bias=True, prefix="p", quant_config=quant)
+
+
+def test_quantized_row_parallel_holds_its_bias_apart(rank1_of_tp2):
+    """The bias of a quantized row-parallel layer is replicated and held by the layer
+    (added once after the all-reduce), not by the quantized module whose kernels would
+    add it to every rank's partial product."""
+    from rtllm.quantization import QuantAlgo, QuantConfig
+    from rtllm.quantization.linear_method import quantized_linear_forward
+
+    quant = QuantConfig(quant_algo=QuantAlgo.W8A16)
+    w, b = torch.randn(3, 8), torch.randn(3)
+    x = torch.randn(5, 4)  # rank 1's input columns 4..7
+    loaded = RowParallelLinear(8, 3, bias=True, prefix="model.layers.0.mlp.down_proj", quant_config=quant)
+    loaded.load_checkpoint_tensor("weight", w, None)
+    loaded.load_checkpoint_tensor("bias", b, None)
+    loaded.process_weights_after_loading()
+    assert loaded.quant is not None and loaded.quant.bias is None
+    assert torch.equal(loaded.bias, b)  # whole, on every rank
+    torch.testing.assert_close(quantized_linear_forward(loaded.quant, x), x @ w[:, 4:].T, atol=0.05, rtol=0.02)
+
+    dummy = RowParallelLinear(8, 3, bias=True, prefix="model.layers.0.mlp.down_proj", quant_config=quant)
+    dummy.init_dummy(torch.Generator().manual_seed(0))
+    assert dummy.quant.bias is None and dummy.bias is not None and dummy.bias.shape == (3,)

@@ -20,14 +20,21 @@ PROMPTS = [[5, 6, 7], list(range(20, 45)), [9], list(range(100, 112))]
 LATE_PROMPTS = [[17, 3, 250, 8], list(range(60, 70))]
 
 
-def _save_llama(path, num_key_value_heads: int, hidden_size: int = 32) -> str:
+def _save_llama(path, num_key_value_heads: int, hidden_size: int = 32, bias: bool = False) -> str:
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=255,  # not divisible by tp: the last rank's vocabulary shard is padded
         hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=3, num_attention_heads=4,
         num_key_value_heads=num_key_value_heads, max_position_embeddings=256, initializer_range=0.2,
+        attention_bias=bias, mlp_bias=bias,
     )
-    LlamaForCausalLM(config).save_pretrained(path)
+    model = LlamaForCausalLM(config)
+    if bias:  # Hugging Face initializes biases to zero: make them count
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name.endswith(".bias"):
+                    param.uniform_(-0.5, 0.5)
+    model.save_pretrained(path)
     return str(path)
 
 
@@ -101,19 +108,35 @@ def test_tp2_pp2_with_replicated_kv_heads_matches_tp1(mqa_model):
     assert [o.outputs[0].token_ids for o in outs] == expected
 
 
+@pytest.fixture(scope="module")
+def biased_wide_model(tmp_path_factory) -> str:
+    # Biases on q/k/v/o and gate/up/down: o_proj and down_proj are row-parallel.
+    return _save_llama(tmp_path_factory.mktemp("tp_biased"), num_key_value_heads=2, hidden_size=64, bias=True)
+
+
+def _quantized_first_logits(path: str, tp: int, quant: QuantConfig) -> torch.Tensor:
+    params = SamplingParams(max_tokens=1, return_generation_logits=True)
+    with _llm(path, tp=tp, quant_config=quant) as llm:
+        outs = llm.generate(PROMPTS, params, use_tqdm=False)
+    return torch.cat([o.outputs[0].generation_logits for o in outs])
+
+
 def test_tp2_quantized_on_load_matches_tp1(wide_model):
     # Each rank quantizes its own shard: column-parallel codes and scales are slices of
     # tp=1's, a row-parallel rank's per-channel scales span only its input columns, so
     # the logits agree within int8 rounding (a wrong slice would be far off).
     quant = QuantConfig(quant_algo=QuantAlgo.W8A16, kv_cache_quant_algo=QuantAlgo.INT8)
-    params = SamplingParams(max_tokens=1, return_generation_logits=True)
+    expected, got = _quantized_first_logits(wide_model, 1, quant), _quantized_first_logits(wide_model, 2, quant)
+    assert got.argmax(-1).tolist() == expected.argmax(-1).tolist()
+    torch.testing.assert_close(got, expected, atol=0.02 * float(expected.abs().max()), rtol=0)
 
-    def first_logits(tp: int) -> torch.Tensor:
-        with _llm(wide_model, tp=tp, quant_config=quant) as llm:
-            outs = llm.generate(PROMPTS, params, use_tqdm=False)
-        return torch.cat([o.outputs[0].generation_logits for o in outs])
 
-    expected, got = first_logits(1), first_logits(2)
+def test_tp2_quantized_row_parallel_biases_are_added_once(biased_wide_model):
+    # A row-parallel bias added by each rank's kernel would count twice after the
+    # all-reduce: the biases here move the logits by far more than int8 rounding.
+    quant = QuantConfig(quant_algo=QuantAlgo.W8A16)
+    expected = _quantized_first_logits(biased_wide_model, 1, quant)
+    got = _quantized_first_logits(biased_wide_model, 2, quant)
     assert got.argmax(-1).tolist() == expected.argmax(-1).tolist()
     torch.testing.assert_close(got, expected, atol=0.02 * float(expected.abs().max()), rtol=0)
 
