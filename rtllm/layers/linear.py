@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rtllm.quantization import linear_method
+from rtllm.quantization import dispatch, linear_method
 from rtllm.quantization.config import QuantConfig
 from rtllm.quantization.rtn import Fp8Tokens
 
@@ -179,28 +179,28 @@ class Linear(nn.Module):
     @property
     def fp8_token_input(self) -> bool:
         """True when the input may come quantized per token (``Fp8Tokens``, see
-        ``linear_method.takes_fp8_tokens``): the kernel that produces it (RMSNorm,
+        ``dispatch.takes_fp8_tokens``): the kernel that produces it (RMSNorm,
         SiLU-mul) then fuses the quantization."""
         quant = self.quant
         if quant is None:
             return False
         cached = getattr(self, "_fp8_token_input", None)
         if cached is None or cached[0] is not quant:  # decided once per quantized module
-            cached = (quant, linear_method.takes_fp8_tokens(quant))
+            cached = (quant, dispatch.takes_fp8_tokens(quant))
             self._fp8_token_input = cached
         return cached[1]
 
     def silu_and_mul_forward(self, x: torch.Tensor | Fp8Tokens) -> torch.Tensor | None:
         """``silu(gate) * up`` of this ``[gate; up]`` projection's output where a quantized
         kernel fuses the activation (weight-only layers on CUDA:
-        ``linear_method.quantized_silu_and_mul_forward``), else ``None``."""
+        ``dispatch.quantized_silu_and_mul_forward``), else ``None``."""
         if self.quant is None:
             return None
-        return linear_method.quantized_silu_and_mul_forward(self.quant, x)
+        return dispatch.quantized_silu_and_mul_forward(self.quant, x)
 
     def forward(self, x: torch.Tensor | Fp8Tokens) -> torch.Tensor:
         if self.quant is not None:
-            return linear_method.quantized_linear_forward(self.quant, x)
+            return dispatch.quantized_linear_forward(self.quant, x)
         if self.weight is None:
             raise RuntimeError(f"{self.prefix}: quantized layer used before its weights were loaded")
         return F.linear(x, self.weight, self.bias)

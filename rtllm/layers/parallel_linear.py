@@ -37,7 +37,7 @@ from torch import nn
 
 from rtllm.distributed.parallel_state import get_mapping, tp_all_gather, tp_all_reduce
 from rtllm.layers.linear import Linear, default_weight_loader, fused_checkpoint_names
-from rtllm.quantization import linear_method
+from rtllm.quantization import dispatch
 from rtllm.quantization.config import QuantConfig
 from rtllm.quantization.tp_sharding import shard_quantized_tensor
 
@@ -264,7 +264,7 @@ class RowParallelLinear(Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.quant is not None:
-            partial = linear_method.quantized_linear_forward(self.quant, x)
+            partial = dispatch.quantized_linear_forward(self.quant, x)
         elif self.weight is None:
             raise RuntimeError(f"{self.prefix}: quantized layer used before its weights were loaded")
         else:

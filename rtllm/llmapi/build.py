@@ -82,7 +82,7 @@ def build_engine(args: LlmArgs, device: torch.device | None = None) -> BuiltEngi
     check_weights_fit(estimate_weight_bytes(config, dtype, quant_config), device)
     model = build_model(path, config, dtype, device, args.load_format, args.seed, quant_config)
     if device.type == "cuda" and quant_config is not None:
-        from rtllm.quantization.linear_method import pack_weight_only_layers
+        from rtllm.quantization.dispatch import pack_weight_only_layers
 
         if pack_weight_only_layers(model):
             torch.cuda.empty_cache()  # the freed codes go back to the pool the KV cache is sized from

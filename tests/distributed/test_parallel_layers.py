@@ -82,7 +82,7 @@ def test_lazy_slices_read_only_the_part(tmp_path, rank1_of_tp2):
 
 def test_quantized_row_parallel_quantizes_its_columns(rank1_of_tp2):
     from rtllm.quantization import QuantAlgo, QuantConfig
-    from rtllm.quantization.linear_method import quantized_linear_forward
+    from rtllm.quantization.dispatch import quantized_linear_forward
 
     quant = QuantConfig(quant_algo=QuantAlgo.W8A16)
     down = RowParallelLinear(8, 3, prefix="model.layers.0.mlp.down_proj", quant_config=quant)
@@ -99,7 +99,7 @@ def test_quantized_row_parallel_holds_its_bias_apart(rank1_of_tp2):
     (added once after the all-reduce), not by the quantized module whose kernels would
     add it to every rank's partial product."""
     from rtllm.quantization import QuantAlgo, QuantConfig
-    from rtllm.quantization.linear_method import quantized_linear_forward
+    from rtllm.quantization.dispatch import quantized_linear_forward
 
     quant = QuantConfig(quant_algo=QuantAlgo.W8A16)
     w, b = torch.randn(3, 8), torch.randn(3)

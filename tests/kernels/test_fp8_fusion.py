@@ -17,7 +17,7 @@ from rtllm.kernels.fp8_linear import fp8_supported, quantize_per_token_fp8  # no
 from rtllm.layers.activation import SiluAndMul  # noqa: E402
 from rtllm.layers.linear import Linear  # noqa: E402
 from rtllm.layers.norm import RMSNorm  # noqa: E402
-from rtllm.quantization import linear_method, rtn  # noqa: E402
+from rtllm.quantization import dispatch, linear_method, rtn  # noqa: E402
 from rtllm.quantization.act_quant import Fp8Linear  # noqa: E402
 from rtllm.quantization.config import QuantAlgo, QuantConfig  # noqa: E402
 from rtllm.quantization.rtn import Fp8Tokens  # noqa: E402
@@ -53,12 +53,12 @@ def test_fp8_linear_takes_tokens_like_its_plain_input() -> None:
     w, bias = torch.randn(48, 64, generator=gen), torch.randn(48, generator=gen)
     layer = Fp8Linear.from_float(w, bias, QuantConfig(quant_algo=QuantAlgo.FP8))
     x = torch.randn(6, 64, generator=gen).to(torch.bfloat16)
-    expected = linear_method.quantized_linear_forward(layer, x)
-    out = linear_method.quantized_linear_forward(layer, Fp8Tokens.quantize(x))
+    expected = dispatch.quantized_linear_forward(layer, x)
+    out = dispatch.quantized_linear_forward(layer, Fp8Tokens.quantize(x))
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
     # Only a GPU with FP8 GEMMs asks for tokens (the CPU path quantizes in the linear).
-    assert not linear_method.takes_fp8_tokens(layer)
+    assert not dispatch.takes_fp8_tokens(layer)
 
 
 def test_layers_that_quantize_otherwise_refuse_tokens() -> None:
@@ -68,8 +68,8 @@ def test_layers_that_quantize_otherwise_refuse_tokens() -> None:
     int8 = linear_method.quantize_float(config, w, None, None, None)
     tokens = Fp8Tokens.quantize(torch.randn(3, 64, generator=gen))
     with pytest.raises(ValueError, match="does not take activations quantized per token"):
-        linear_method.quantized_linear_forward(int8, tokens)
-    assert not linear_method.takes_fp8_tokens(int8)
+        dispatch.quantized_linear_forward(int8, tokens)
+    assert not dispatch.takes_fp8_tokens(int8)
     assert not Linear(64, 32).fp8_token_input  # a float layer
 
 

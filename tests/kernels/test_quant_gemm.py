@@ -360,16 +360,16 @@ def test_fused_activation_only_where_the_gemv_kernel_runs() -> None:
     """The layer hook declines (``None``: the caller runs the layer, then SiLU-mul) for
     float layers, FP8 layers, per-token FP8 inputs and tensors off the GPU."""
     from rtllm.layers.linear import Linear
-    from rtllm.quantization import linear_method
+    from rtllm.quantization import dispatch, linear_method
     from rtllm.quantization.config import QuantAlgo, QuantConfig
     from rtllm.quantization.rtn import Fp8Tokens
 
     w, x = torch.randn(32, 64), torch.randn(3, 64)
     int8 = linear_method.quantize_float(QuantConfig(quant_algo=QuantAlgo.W8A16), w, None, None, None)
     fp8 = linear_method.quantize_float(QuantConfig(quant_algo=QuantAlgo.FP8), w, None, None, None)
-    assert linear_method.quantized_silu_and_mul_forward(int8, x) is None  # CPU tensor
-    assert linear_method.quantized_silu_and_mul_forward(fp8, x) is None
-    assert linear_method.quantized_silu_and_mul_forward(fp8, Fp8Tokens.quantize(x)) is None
+    assert dispatch.quantized_silu_and_mul_forward(int8, x) is None  # CPU tensor
+    assert dispatch.quantized_silu_and_mul_forward(fp8, x) is None
+    assert dispatch.quantized_silu_and_mul_forward(fp8, Fp8Tokens.quantize(x)) is None
     assert Linear(64, 32).silu_and_mul_forward(x) is None  # a float layer
 
 

@@ -311,7 +311,7 @@ def test_awq_clip_search_lowers_output_error(zero_point):
 def test_packing_for_the_gpu_kernels_leaves_cpu_layers_alone(tiny_llama):
     """The engine packs weight-only layers for the GPU kernels before sizing the KV cache;
     on the CPU, where the layers' reference forward reads the codes, nothing is packed."""
-    from rtllm.quantization.linear_method import pack_weight_only_layers
+    from rtllm.quantization.dispatch import pack_weight_only_layers
 
     model = _build(tiny_llama[0], QuantConfig(quant_algo="W4A16"))
     before = dense_forward(model, IDS)

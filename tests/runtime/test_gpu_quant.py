@@ -45,14 +45,14 @@ def first_logits(model_dir: str, device: str, quant: QuantConfig) -> tuple[torch
 @pytest.mark.parametrize("algo", ["W8A16", "W4A16_GPTQ", "W4A16", "FP8"])
 def test_quantized_kernels_match_the_reference_path(model_dir, algo, monkeypatch):
     from rtllm.kernels import fp8_linear
-    from rtllm.quantization import linear_method
+    from rtllm.quantization import dispatch
 
     quant = QuantConfig(quant_algo=algo) if algo != "W4A16_GPTQ" else QuantConfig(quant_algo=algo, group_size=128)
     kernels, packed = first_logits(model_dir, "cuda", quant)
     if algo != "FP8":
         assert packed, "no layer ran the packed-weight kernels"
     # The same quantized model through the layers' PyTorch references, on the same GPU.
-    monkeypatch.setattr(linear_method, "_packed_weight", lambda module: None)
+    monkeypatch.setattr(dispatch, "_packed_weight", lambda module: None)
     monkeypatch.setattr(fp8_linear, "fp8_supported", lambda device: False)
     reference, _ = first_logits(model_dir, "cuda", quant)
     error = (kernels - reference).abs().max() / reference.std()
@@ -91,11 +91,11 @@ def test_fp8_fused_activation_quantization_keeps_the_logits(model_dir, monkeypat
 def test_silu_in_the_gate_up_gemv_keeps_the_logits(model_dir, algo, monkeypatch):
     """Decode steps of weight-only models apply silu(gate) * up in the gate_up GEMV's
     epilogue; every generated position's logits are those of the separate kernels."""
-    from rtllm.quantization import linear_method
+    from rtllm.quantization import dispatch
 
     quant = QuantConfig(quant_algo=algo, group_size=128)
     params = SamplingParams(max_tokens=4, temperature=0, return_generation_logits=True)
-    original = linear_method.quantized_silu_and_mul_forward
+    original = dispatch.quantized_silu_and_mul_forward
     fused_calls = []
 
     def spy(module, x):
@@ -110,10 +110,10 @@ def test_silu_in_the_gate_up_gemv_keeps_the_logits(model_dir, algo, monkeypatch)
         logits = torch.cat([o.outputs[0].generation_logits.float() for o in outs])
         return logits, [list(o.outputs[0].token_ids) for o in outs]
 
-    monkeypatch.setattr(linear_method, "quantized_silu_and_mul_forward", spy)
+    monkeypatch.setattr(dispatch, "quantized_silu_and_mul_forward", spy)
     fused, fused_tokens = generate()
     assert any(fused_calls), "no decode step took the gated GEMV"
-    monkeypatch.setattr(linear_method, "quantized_silu_and_mul_forward", lambda module, x: None)
+    monkeypatch.setattr(dispatch, "quantized_silu_and_mul_forward", lambda module, x: None)
     unfused, unfused_tokens = generate()
     assert fused_tokens == unfused_tokens
     assert torch.equal(fused, unfused)
@@ -125,7 +125,7 @@ def test_weight_only_layers_are_packed_before_the_kv_cache_is_sized(model_dir, a
     weights: int4 codes (one byte each) shrink to half a byte per weight."""
     from rtllm.models.loader import build_model, load_model_config
     from rtllm.quantization import WeightOnlyGroupwiseLinear, WeightOnlyInt8Linear
-    from rtllm.quantization.linear_method import pack_weight_only_layers
+    from rtllm.quantization.dispatch import pack_weight_only_layers
 
     config = load_model_config(model_dir)
     model = build_model(model_dir, config, torch.float16, torch.device("cuda"), quant_config=QuantConfig(quant_algo=algo))
