@@ -29,11 +29,6 @@ import torch
 import triton
 import triton.language as tl
 
-from rtllm.kernels.context_attention import (
-    check_paged_inputs,
-    gather_paged_kv,
-    reference_attention,
-)
 from rtllm.kernels.kv_tile import (
     dot_dtype,
     dot_operand,
@@ -41,6 +36,11 @@ from rtllm.kernels.kv_tile import (
     quant_scores,
     quant_weighted_values,
     value_code_tile,
+)
+from rtllm.kernels.paged_attention_ref import (
+    check_paged_inputs,
+    gather_paged_kv,
+    reference_attention,
 )
 from rtllm.kernels.pdl import allow_dependents, use_pdl, wait_for_producers
 from rtllm.kernels.split_counters import MAX_SPLIT_TILES, split_counters

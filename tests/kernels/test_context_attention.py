@@ -9,10 +9,8 @@ import torch
 
 pytest.importorskip("triton")
 
-from rtllm.kernels.context_attention import (  # noqa: E402
-    context_attention,
-    context_attention_ref,
-)
+from rtllm.kernels.context_attention import context_attention  # noqa: E402
+from rtllm.kernels.paged_attention_ref import context_attention_ref  # noqa: E402
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 

@@ -16,7 +16,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from rtllm.kernels.context_attention import context_attention, context_attention_ref  # noqa: E402
+from rtllm.kernels.context_attention import context_attention  # noqa: E402
 from rtllm.kernels.decode_attention import decode_attention, decode_attention_ref  # noqa: E402
 from rtllm.kernels.kv_cache_write import write_kv_cache, write_kv_cache_ref  # noqa: E402
 from rtllm.kernels.kv_quant import (  # noqa: E402
@@ -29,6 +29,7 @@ from rtllm.kernels.kv_quant import (  # noqa: E402
     raw_view,
     store_code_rows,
 )
+from rtllm.kernels.paged_attention_ref import context_attention_ref  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")

@@ -7,7 +7,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from rtllm.kernels.context_attention import reference_attention  # noqa: E402
+from rtllm.kernels.paged_attention_ref import reference_attention  # noqa: E402
 from rtllm.kernels.prompt_attention import prompt_attention, prompt_token_tables  # noqa: E402
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -119,7 +119,7 @@ def test_triton_backend_fresh_prompts_attend_unquantized(qdtype: torch.dtype) ->
     """A step of prompts with no cached prefix attends over its fresh K/V (float), and
     still writes the codes the torch backend writes; a step with a prefix reads codes."""
     pytest.importorskip("triton")
-    from rtllm.kernels.context_attention import reference_attention
+    from rtllm.kernels.paged_attention_ref import reference_attention
     from rtllm.layers.attention_backends.triton_backend import TritonAttentionBackend
 
     spec = AttentionLayerSpec(8, 2, 64, 64**-0.5)
@@ -168,7 +168,7 @@ def test_triton_backend_mixed_step_fresh_prompts_apart(
     their own float K/V while the sequences before them read the codes (decode kernel
     when each has one new token, context kernel otherwise), as the torch backend does."""
     pytest.importorskip("triton")
-    from rtllm.kernels.context_attention import reference_attention
+    from rtllm.kernels.paged_attention_ref import reference_attention
     from rtllm.layers.attention_backends.triton_backend import TritonAttentionBackend
 
     spec = AttentionLayerSpec(8, 2, 64, 64**-0.5)
