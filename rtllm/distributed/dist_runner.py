@@ -75,12 +75,12 @@ def check_parallel_support(args: Any, device: torch.device) -> None:
             "parallelism); pass cuda_graph_config=None with pipeline_parallel_size > 1"
         )
     quant = args.quant_config
-    if quant is not None and needs_calibration(quant):
+    if quant is not None and needs_calibration(quant) and args.pipeline_parallel_size > 1:
         raise NotImplementedError(
             f"quant_algo={quant.quant_algo.name} calibrates on activations, which is not supported under "
-            "tensor/pipeline parallelism yet; quantize with `rtllm quantize` and load the result (each rank "
-            "reads its slice), or use W8A16, W4A16 or FP8 with dynamic activation scales and "
-            "fp8_weight_rounding='nearest'"
+            "pipeline parallelism yet (it is under tensor parallelism); quantize with `rtllm quantize` and "
+            "load the result (each stage reads its layers), or use W8A16, W4A16 or FP8 with dynamic "
+            "activation scales and fp8_weight_rounding='nearest'"
         )
 
 

@@ -125,6 +125,14 @@ def tp_all_reduce(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def tp_all_reduce_max(x: torch.Tensor) -> torch.Tensor:
+    """Element-wise maximum of ``x`` over the tensor-parallel group, in place (a no-op at
+    tp_size=1)."""
+    if _MAPPING.tp_size > 1:
+        dist.all_reduce(x, op=dist.ReduceOp.MAX, group=_TP_GROUP)
+    return x
+
+
 def tp_all_gather(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """Concatenate ``x`` of every tensor rank along ``dim``, in rank order (no-op at tp_size=1)."""
     if _MAPPING.tp_size == 1:

@@ -104,19 +104,21 @@ class Fp8Linear(QuantizedLinear):
 
 
 def smoothing_scale(
-    act_amax: torch.Tensor, weight: torch.Tensor, alpha: float = 0.5
+    act_amax: torch.Tensor, weight: torch.Tensor, alpha: float = 0.5, weight_amax: torch.Tensor | None = None
 ) -> torch.Tensor:
     """SmoothQuant's per-input-channel scale ``s_j = amax_x[j]**alpha / amax_w[j]**(1-alpha)``.
 
     ``act_amax`` is ``[in]`` (largest ``|x|`` per channel over calibration data),
     ``weight`` ``[out, in]``. The smoothed layer computes ``(x / s) (W * s)^T``, which
     moves activation outliers into the weights. Both maxima are floored at 1e-5 so
-    that dead channels give finite, positive scales.
+    that dead channels give finite, positive scales. ``weight_amax`` ``[in]`` replaces
+    the weight's own column maxima (a tensor-parallel rank holding some of the rows
+    passes the maxima over all of them).
     """
     if act_amax.shape != (weight.shape[1],):
         raise ValueError(f"act_amax must be [{weight.shape[1]}], got {tuple(act_amax.shape)}")
     x_max = act_amax.float().abs().clamp(min=1e-5)
-    w_max = weight.float().abs().amax(dim=0).clamp(min=1e-5)
+    w_max = (weight.float().abs().amax(dim=0) if weight_amax is None else weight_amax.float()).clamp(min=1e-5)
     return x_max.pow(alpha) / w_max.pow(1.0 - alpha)
 
 

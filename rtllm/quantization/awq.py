@@ -29,6 +29,7 @@ logits amplify their error); :data:`CLIP_QK` turns it on.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import torch
 
@@ -82,6 +83,7 @@ def awq_search_scale(
     base: torch.Tensor,
     config: QuantConfig,
     gptq: bool = False,
+    sum_errors: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """The AWQ scale ``s`` ``[in]`` with the smallest output error (module doc).
 
@@ -92,11 +94,14 @@ def awq_search_scale(
     each candidate is rounded by GPTQ (:func:`rtllm.quantization.gptq.gptq_quantize`,
     Hessian ``diag(1/s) X^T X diag(1/s)`` of the scaled inputs ``x / s``) instead of
     round-to-nearest: the search then picks the scale for the rounding that follows.
+    ``sum_errors`` adds the candidates' errors ``[len(AWQ_ALPHA_GRID)]`` over the ranks
+    that hold the layer's other parts (tensor parallelism), so that every rank picks
+    the same scale.
     """
     w = weight.float()
     g = gram.float().to(w.device)
     base = base.float().to(w.device).clamp(min=1e-4)
-    best_err, best_scale, best_alpha = float("inf"), torch.ones_like(base), 0.0
+    scales, errors = [], []
     for alpha in AWQ_ALPHA_GRID:
         s = base.pow(alpha)
         s = s / (s.max() * s.min()).sqrt()
@@ -107,11 +112,14 @@ def awq_search_scale(
             ).dequantized
         else:
             rounded = fake_quantize(w * s, config)
-        err = output_error(rounded / s - w, g)
-        if err < best_err:
-            best_err, best_scale, best_alpha = err, s, alpha
-    logger.debug("AWQ alpha %.2f, error %.3g", best_alpha, best_err)
-    return best_scale
+        scales.append(s)
+        errors.append(output_error(rounded / s - w, g))
+    totals = torch.tensor(errors, dtype=torch.float64, device=w.device)
+    if sum_errors is not None:
+        totals = sum_errors(totals)
+    best = int(torch.argmin(totals))  # the first of equal errors, as a strict < scan
+    logger.debug("AWQ alpha %.2f, error %.3g", AWQ_ALPHA_GRID[best], float(totals[best]))
+    return scales[best]
 
 
 def _clipped(w: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, ratio: float) -> torch.Tensor:

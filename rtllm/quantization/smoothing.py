@@ -20,6 +20,17 @@ consumer               where ``1 / s`` is applied
 
 ``QuantConfig.pre_quant_scale=True`` keeps every scale in its layer instead.
 
+Under tensor parallelism every rank calibrates its own shard on the same samples, in
+step (the calibration forward runs the model's all-reduces). A rank folds its scales
+into its own copy of the norms and its own producer rows (v, up), so its layers stay
+consistent whatever it chose. Column-parallel scales are still chosen as one process
+would choose them: AWQ adds the candidates' errors over the ranks before choosing
+(the ranks hold disjoint rows of one input, so the sum is the one-process error), and
+SmoothQuant takes the weight's column maxima over all ranks' rows. A row-parallel
+rank's scales, input maxima and GPTQ Hessian cover its own input channels; its GPTQ
+thus drops the cross-rank blocks of the one-process Hessian. Pipeline parallelism is
+not supported.
+
 W4A16_AWQ is **AWQ scale search + GPTQ rounding**, and W4A16_GPTQ / W8A16_GPTQ (and
 FP8 / FP8_PER_CHANNEL_PER_TOKEN with ``fp8_weight_rounding="gptq"``, on the FP8 grid
 of :mod:`rtllm.quantization.gptq_fp8`) are GPTQ rounding, all calibrated decoder layer
@@ -39,13 +50,20 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from rtllm.distributed.parallel_state import get_mapping, tp_all_reduce, tp_all_reduce_max
 from rtllm.layers.linear import Linear
+from rtllm.layers.parallel_linear import (
+    ColumnParallelLinear,
+    MergedColumnParallelLinear,
+    QKVParallelLinear,
+)
 from rtllm.quantization import awq as awq_module
 from rtllm.quantization.act_quant import smoothing_scale
 from rtllm.quantization.awq import awq_search_clip, awq_search_scale, fake_quantize
@@ -105,21 +123,34 @@ def _fold_rows(linear: Linear, start: int, scale: torch.Tensor) -> None:
         linear.bias.data[rows] /= scale.to(linear.bias.dtype)
 
 
-def _plan(layer: nn.Module, mc: Any) -> list[tuple[Linear, Any, tuple[Linear, int] | None]]:
-    """(consumer, norm it follows or None, (producer, first row) it can fold into)."""
+def _plan(layer: nn.Module) -> list[tuple[Linear, Any, tuple[Linear, int] | None]]:
+    """(consumer, norm it follows or None, (producer, first row) it can fold into); rows
+    are the rank's own under tensor parallelism (its heads, its slice of the MLP)."""
     attn, mlp = layer.self_attn, layer.mlp
     return [
         (attn.qkv_proj, layer.input_layernorm, None),
         (mlp.gate_up_proj, layer.post_attention_layernorm, None),
         (attn.o_proj, None, (attn.qkv_proj, attn.qkv_proj.q_size + attn.qkv_proj.kv_size)),
-        (mlp.down_proj, None, (mlp.gate_up_proj, mc.intermediate_size)),
+        (mlp.down_proj, None, (mlp.gate_up_proj, mlp.gate_up_proj.out_features // 2)),
     ]
+
+
+def _rows_split_over_ranks(linear: Linear) -> bool:
+    """The layer holds some of the output rows (column-parallel, under tensor
+    parallelism): its input is whole on every rank, its weight is not."""
+    column_parallel = (ColumnParallelLinear, MergedColumnParallelLinear, QKVParallelLinear)
+    return isinstance(linear, column_parallel) and get_mapping().tp_size > 1
+
+
+def _sum_over_ranks() -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """:func:`awq_search_scale`'s ``sum_errors`` under tensor parallelism: every rank's
+    search then sees the same totals and picks the same scale."""
+    return tp_all_reduce if get_mapping().tp_size > 1 else None
 
 
 @torch.no_grad()
 def _apply_scale(
     config: QuantConfig,
-    mc: Any,
     layer: nn.Module,
     step: tuple[Linear, Any, tuple[Linear, int] | None],
     s: torch.Tensor,
@@ -127,6 +158,7 @@ def _apply_scale(
     """Fold ``1 / s`` of a consumer whose weight was multiplied by ``s`` (module doc);
     returns ``1 / s`` when the layer has to keep it as its ``pre_quant_scale``."""
     linear, norm, producer = step
+    attn = layer.self_attn
     awq = config.quant_algo == QuantAlgo.W4A16_AWQ
     foldable = producer is not None and awq and producer[0].weight is not None
     if config.pre_quant_scale or (norm is None and not foldable):
@@ -135,19 +167,20 @@ def _apply_scale(
         norm.weight.data /= s.to(norm.weight.dtype)
     else:
         target, start = producer
-        if linear is layer.self_attn.o_proj:  # one scale per KV channel
-            group = mc.num_attention_heads // mc.num_key_value_heads
-            s = s.view(mc.num_key_value_heads, group, -1)[:, 0, :].reshape(-1)
+        if linear is attn.o_proj:  # one scale per KV channel (the rank's own heads)
+            group = attn.num_heads // attn.num_kv_heads
+            s = s.view(attn.num_kv_heads, group, -1)[:, 0, :].reshape(-1)
         _fold_rows(target, start, s)
     return None
 
 
-def _awq_base(config: QuantConfig, mc: Any, layer: nn.Module, linear: Linear, amax: torch.Tensor, mean: torch.Tensor | None) -> torch.Tensor:
+def _awq_base(config: QuantConfig, layer: nn.Module, linear: Linear, amax: torch.Tensor, mean: torch.Tensor | None) -> torch.Tensor:
     """AWQ's per-channel activation statistic (:data:`AWQ_BASE`) of ``linear``'s input;
     o_proj's is reduced over the q heads sharing a KV head when folded into v rows."""
     base = mean if AWQ_BASE == "mean" and mean is not None else amax
-    if linear is layer.self_attn.o_proj and not config.pre_quant_scale:
-        base = _kv_group_amax(base, mc.num_attention_heads, mc.num_key_value_heads)
+    attn = layer.self_attn
+    if linear is attn.o_proj and not config.pre_quant_scale:
+        base = _kv_group_amax(base, attn.num_heads, attn.num_kv_heads)
     return base
 
 
@@ -165,20 +198,23 @@ def smooth_model(
     result = {name: LayerCalibration(input_amax=float(s.amax.max())) for name, s in stats.items()}
     if config.quant_algo not in (QuantAlgo.W4A16_AWQ, QuantAlgo.W8A8_SQ_PER_CHANNEL):
         return result
-    mc = model.config
     for layer in model.model.layers:
-        for step in _plan(layer, mc):
+        for step in _plan(layer):
             linear = step[0]
             if linear.prefix not in stats or linear.weight is None:
                 continue
             layer_stats = stats[linear.prefix]
             if config.quant_algo == QuantAlgo.W4A16_AWQ:
                 rows = layer_stats.rows.to(linear.weight.device)
-                base = _awq_base(config, mc, layer, linear, layer_stats.amax, None)
-                s = awq_search_scale(linear.weight.data, rows.t() @ rows, base, config)
+                base = _awq_base(config, layer, linear, layer_stats.amax, None)
+                s = awq_search_scale(linear.weight.data, rows.t() @ rows, base, config, sum_errors=_sum_over_ranks())
             else:
+                weight_amax = None
+                if _rows_split_over_ranks(linear):  # the maxima over every rank's rows
+                    weight_amax = tp_all_reduce_max(linear.weight.data.float().abs().amax(dim=0))
                 s = smoothing_scale(
-                    layer_stats.amax.to(linear.weight.device), linear.weight.data, config.smoothquant_val
+                    layer_stats.amax.to(linear.weight.device), linear.weight.data, config.smoothquant_val,
+                    weight_amax,
                 )
             linear.weight.data *= s.to(linear.weight.dtype)
             if config.quant_algo == QuantAlgo.W4A16_AWQ and awq_module.AWQ_CLIP:
@@ -187,7 +223,7 @@ def smooth_model(
                 if linear is layer.self_attn.qkv_proj and not awq_module.CLIP_QK:
                     first = linear.q_size + linear.kv_size
                 awq_search_clip(linear.weight.data, x, config, slice(first, linear.out_features))
-            result[linear.prefix].pre_quant_scale = _apply_scale(config, mc, layer, step, s)
+            result[linear.prefix].pre_quant_scale = _apply_scale(config, layer, step, s)
     return result
 
 
@@ -243,7 +279,6 @@ def calibrate_sequentially(
     exactly (see :mod:`rtllm.quantization.gptq`, :mod:`rtllm.quantization.gptq_fp8`), so :func:`rtllm.quantization.linear_method.quantize_float` and ``rtllm
     quantize`` store them unchanged. Returns what each layer still needs.
     """
-    mc = model.config
     awq = config.quant_algo == QuantAlgo.W4A16_AWQ
     result: dict[str, LayerCalibration] = {}
     handles = []
@@ -252,16 +287,18 @@ def calibrate_sequentially(
     try:
         layers = list(model.model.layers)
         for index, layer in enumerate(layers):
-            plan = [s for s in _plan(layer, mc) if s[0].prefix in linears and s[0].weight is not None]
+            plan = [s for s in _plan(layer) if s[0].prefix in linears and s[0].weight is not None]
             if awq and plan:
                 stats = linear_input_stats(model, layer, inputs, {s[0].prefix: s[0] for s in plan})
                 for step in plan:
                     linear = step[0]
                     st = stats[linear.prefix]
-                    base = _awq_base(config, mc, layer, linear, st.amax, st.mean_abs)
-                    s = awq_search_scale(linear.weight.data, st.gram, base, config, gptq=AWQ_SEARCH_GPTQ)
+                    base = _awq_base(config, layer, linear, st.amax, st.mean_abs)
+                    s = awq_search_scale(
+                        linear.weight.data, st.gram, base, config, gptq=AWQ_SEARCH_GPTQ, sum_errors=_sum_over_ranks()
+                    )
                     linear.weight.data *= s.to(linear.weight.dtype)
-                    pqs = _apply_scale(config, mc, layer, step, s)
+                    pqs = _apply_scale(config, layer, step, s)
                     result[linear.prefix] = LayerCalibration(pre_quant_scale=pqs)
                     if pqs is not None:  # the float forward applies it as the layer will
                         handles.append(linear.register_forward_pre_hook(_scale_input(pqs)))
