@@ -160,7 +160,7 @@ def calib_model(tmp_path_factory, byte_tokenizer) -> str:
     return path
 
 
-@pytest.mark.parametrize("algo", ["W8A8_SQ_PER_CHANNEL", "W4A16_AWQ", "W4A16_GPTQ"])
+@pytest.mark.parametrize("algo", ["W8A8_SQ_PER_CHANNEL", "W4A16_AWQ", "W4A16_GPTQ", "FP8"])
 def test_tp2_calibration_keeps_tp1_accuracy(calib_model, algo):
     # Every rank calibrates its own shard on the same samples, in step (the calibration
     # forward runs the model's all-reduces), with its own heads and MLP slice. Scales
@@ -171,7 +171,7 @@ def test_tp2_calibration_keeps_tp1_accuracy(calib_model, algo):
     # its block of the Hessian. Two roundings of equal quality differ from each other
     # about as much as from the float model, so the check is the error to the float
     # model: tp=2's must be tp=1's (measured: within 6 %).
-    group = {} if algo == "W8A8_SQ_PER_CHANNEL" else {"group_size": 128}
+    group = {"group_size": 128} if algo.startswith("W4A16") else {}  # FP8: GPTQ-rounded weights
     quant = QuantConfig(quant_algo=algo, calib_size=4, calib_max_seq_length=64, **group)
     reference = _quantized_first_logits(calib_model, 1, None)
     tp1_error = float((_quantized_first_logits(calib_model, 1, quant) - reference).abs().mean())
