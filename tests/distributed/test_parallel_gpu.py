@@ -65,3 +65,24 @@ def test_tp2_quantized_runs_the_gpu_kernels(model):
     assert logits[2].argmax(-1).tolist() == logits[1].argmax(-1).tolist()
     # FP8 KV rounding amplifies the per-rank scale differences a little.
     torch.testing.assert_close(logits[2], logits[1], atol=0.05 * float(logits[1].abs().max()), rtol=0)
+
+
+@pytest.mark.parametrize("algo", ["W4A16_AWQ", "W8A8_SQ_PER_CHANNEL"])
+def test_tp2_calibration_over_nccl_keeps_one_gpu_accuracy(tmp_path_factory, byte_tokenizer, algo):
+    # As test_parallel_llm's gloo test: each rank calibrates its shard in step (NCCL
+    # all-reduces in the calibration forward, the AWQ error sums and SmoothQuant maxima).
+    path = _save_llama(tmp_path_factory.mktemp("gpu_tp_calib"), 2, hidden_size=256, initializer_range=0.05)
+    byte_tokenizer.save_pretrained(path)
+    group = {"group_size": 128} if algo == "W4A16_AWQ" else {}
+    quant = QuantConfig(quant_algo=algo, calib_size=4, calib_max_seq_length=64, **group)
+    params = SamplingParams(max_tokens=1, return_generation_logits=True)
+
+    def first_logits(tp: int, quant_config: QuantConfig | None) -> torch.Tensor:
+        with _gpu_llm(path, tp=tp, quant_config=quant_config) as llm:
+            outs = llm.generate(PROMPTS, params, use_tqdm=False)
+        return torch.cat([o.outputs[0].generation_logits for o in outs])
+
+    reference = first_logits(1, None)
+    tp1_error = float((first_logits(1, quant) - reference).abs().mean())
+    tp2_error = float((first_logits(2, quant) - reference).abs().mean())
+    assert 0 < tp2_error < 1.25 * tp1_error
