@@ -37,11 +37,7 @@ from rtllm.kernels.kv_tile import (
     quant_weighted_values,
     value_code_tile,
 )
-from rtllm.kernels.paged_attention_ref import (
-    check_paged_inputs,
-    gather_paged_kv,
-    reference_attention,
-)
+from rtllm.kernels.paged_attention_ref import check_paged_inputs, context_attention_ref
 from rtllm.kernels.pdl import allow_dependents, use_pdl, wait_for_producers
 from rtllm.kernels.split_counters import MAX_SPLIT_TILES, split_counters
 
@@ -381,14 +377,13 @@ def decode_attention_ref(
     kv_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """PyTorch reference of :func:`decode_attention` (float32 math, ``query``'s dtype out;
-    a quantized cache is dequantized to float32 first)."""
-    check_paged_inputs(query, kv_cache, seq_lens, block_tables, kv_scale)
-    out = torch.zeros_like(query)
-    for b, seq_len in enumerate(seq_lens.tolist()):
-        if seq_len == 0:
-            continue
-        keys, values = gather_paged_kv(kv_cache, block_tables[b], seq_len, kv_scale)
-        out[b] = reference_attention(
-            query[b : b + 1], keys, values, seq_len - 1, scale, sliding_window
-        )[0].to(query.dtype)
+    a quantized cache is dequantized to float32 first): the context reference with one
+    query row per sequence. Padding rows (``seq_len`` 0) attend to nothing and read 0,
+    as the kernel writes them."""
+    batch = seq_lens.shape[0]
+    one_row_each = torch.arange(batch + 1, dtype=torch.int32, device=query.device)
+    out = context_attention_ref(
+        query, kv_cache, one_row_each, seq_lens.clamp(min=1), block_tables, 1, scale, sliding_window, kv_scale
+    )
+    out[seq_lens == 0] = 0
     return out
